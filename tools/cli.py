@@ -1,0 +1,84 @@
+"""The ``bdmtool`` command line: each command parses options and calls one library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+import bdmtool  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+
+DEFAULT_CKPT = Path(bdmtool.ASSETS) / "tiny_mnist_fp.ckpt"
+
+
+class _UserError(click.ClickException):
+    """Shown as one line 'Error: ...' with exit code 1, never a traceback."""
+
+
+def _friendly(fn):
+    """Turn the library's validation errors (ValueError and subclasses, missing files) into one-line errors."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            raise _UserError(str(e)) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(bdmtool.__version__, prog_name="bdmtool")
+def cli() -> None:
+    """bdmtool: binarized diffusion models from PyTorch to a 1-bit LCE .tflite on Android."""
+
+
+@cli.command()
+@click.option("--preset", default="tiny", show_default=True, help="U-Net preset (tiny, tiny-rgb, cifar10).")
+@click.option("--data", default="mnist5k", show_default=True,
+              help="mnist5k | digits | folder:DIR | cifar10:DIR | npz:FILE")
+@click.option("--steps", type=int, default=None, help="Training steps (default: train.steps of the spec).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory (created; resumed if it has state.ckpt).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override any spec field, e.g. --set train.lr=1e-4 --set unet.dropout=0.1 (repeatable).")
+@click.option("--no-resume", is_flag=True, help="Ignore an existing state.ckpt in --out and start over.")
+@_friendly
+def train(preset, data, steps, out, overrides, no_resume):
+    """Train a full-precision diffusion U-Net (resumes exactly; DDP under torchrun)."""
+    from bdmtool.trainer.spec import build_train_spec
+    from bdmtool.trainer.train import train as run
+
+    path = run(build_train_spec(preset, data, steps, overrides), out, resume=not no_resume)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(dir_okay=False), default=str(DEFAULT_CKPT))
+@click.option("--out", type=click.Path(), default="samples", show_default=True, help="Writes OUT.png, OUT.npz, OUT.json.")
+@click.option("--n", type=int, default=64, show_default=True, help="Number of images.")
+@click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0 = deterministic).")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm", "plms", "dpmsolver"]), default="ddim", show_default=True)
+@click.option("--skip", type=click.Choice(["uniform", "quad"]), default="uniform", show_default=True,
+              help="Timestep spacing for ddim/ddpm.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
+@_friendly
+def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema):
+    """Sample images from CKPT (default: the embedded tiny MNIST model); writes a grid PNG and an .npz."""
+    from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
+
+    opts = SampleOptions(n=n, steps=steps, eta=eta, sampler=sampler, skip=skip, seed=seed, batch_size=batch_size)
+    png, npz = sample_checkpoint(ckpt, out, opts, use_ema=not no_ema)
+    click.echo(f"wrote {png} and {npz}")
+
+
+def main() -> None:  # pragma: no cover
+    cli(prog_name="bdmtool")
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m bdmtool.tools.cli` (torchrun uses this)
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The forward diffusion process: named beta schedules, ``q_sample`` and the epsilon-prediction loss.
+
+The network and the process are separate objects (as in improved-diffusion): ``Diffusion`` never owns a
+model, ``training_losses(model, x0, t, noise)`` takes it as an argument and returns a dict of loss terms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .spec import DiffusionConfig
+
+
+def _linear(cfg: DiffusionConfig) -> np.ndarray:
+    """DDPM linear schedule (Ho et al. 2020): beta_t = linspace(beta_start, beta_end, T)."""
+    return np.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=np.float64)
+
+
+def _ldm_linear(cfg: DiffusionConfig) -> np.ndarray:
+    """Latent-diffusion "linear": linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2."""
+    return np.linspace(math.sqrt(cfg.beta_start), math.sqrt(cfg.beta_end), cfg.timesteps, dtype=np.float64) ** 2
+
+
+def _quad(cfg: DiffusionConfig) -> np.ndarray:
+    """ermongroup/ddim "quad": the same as ``ldm_linear`` (linear in sqrt(beta))."""
+    return _ldm_linear(cfg)
+
+
+def _cosine(cfg: DiffusionConfig) -> np.ndarray:
+    """Nichol & Dhariwal 2021 cosine schedule (s = 0.008, betas clipped at 0.999); ignores beta_start/end."""
+    s, n = 0.008, cfg.timesteps
+    f = np.cos(((np.arange(n + 1, dtype=np.float64) / n) + s) / (1 + s) * math.pi / 2) ** 2
+    return np.clip(1 - f[1:] / f[:-1], 0.0, 0.999)
+
+
+BETA_SCHEDULES: dict[str, Callable[[DiffusionConfig], np.ndarray]] = {
+    "linear": _linear,
+    "ldm_linear": _ldm_linear,
+    "quad": _quad,
+    "cosine": _cosine,
+}
+
+
+def beta_schedule(cfg: DiffusionConfig) -> np.ndarray:
+    """Return float64 betas [T] for the named schedule. Schedules may be added but never changed."""
+    if cfg.schedule not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta schedule {cfg.schedule!r}; choose from {sorted(BETA_SCHEDULES)}")
+    return BETA_SCHEDULES[cfg.schedule](cfg)
+
+
+class Diffusion:
+    """Gaussian forward process with precomputed float64 quantities (cast on use)."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        self.betas = torch.from_numpy(beta_schedule(cfg))
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.num_timesteps = cfg.timesteps
+
+    def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values.to(like.device)[t.long()].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        abar = self._at(self.alphas_cumprod, t, x0)
+        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        abar = self._at(self.alphas_cumprod, t, x_t)
+        return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+
+    def training_losses(self, model: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor,
+                        noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """epsilon-MSE (mean over C, H, W and the batch). Returns ``{"mse": loss, "eps_pred": eps}``.
+
+        ``eps_pred`` is returned (not a loss term) so distillation losses can reuse the forward pass.
+        """
+        x_t = self.q_sample(x0, t, noise)
+        eps = model(x_t, t)
+        return {"mse": torch.mean((eps - noise) ** 2), "eps_pred": eps}

@@ -1,0 +1,69 @@
+"""Training logs: an append-only ``metrics.jsonl`` and the loss-curve PNG drawn from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    """Append one JSON object per logged step; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int = 0):
+        self.path = Path(path)
+        if self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+    return rows
+
+
+def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> Path | None:
+    """Plot every ``loss*`` term against the step (log scale) with a moving average; returns the PNG path."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = sorted({k for r in rows for k in r if k.startswith("loss")})
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        steps, vals = np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
+        line, = ax.plot(steps, vals, alpha=0.3, lw=0.8)
+        w = max(1, len(vals) // 20)
+        if len(vals) > w:
+            smooth = np.convolve(vals, np.ones(w) / w, mode="valid")
+            ax.plot(steps[w - 1:], smooth, color=line.get_color(), lw=1.8, label=f"{k} (avg {w})")
+        else:
+            line.set_label(k)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or Path(metrics_path).parent.name)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,78 @@
+"""Generate images from a checkpoint: the library side of ``bdmtool sample``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import from_model_range, save_grid
+from .diffusion import Diffusion
+from .samplers import make_sampler, sample_loop
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    n: int = 64
+    steps: int = 50
+    eta: float = 0.0
+    sampler: str = "ddim"
+    skip: str = "uniform"
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.batch_size < 1:
+            raise ValueError("--n and --batch-size must be >= 1")
+
+
+def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """x_T for ``n`` samples and the generator for the sampler's per-step noise (both from ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g), g
+
+
+def generate(eps_model: torch.nn.Module, diffusion: Diffusion, shape: tuple[int, int, int],
+             opts: SampleOptions, progress: bool = True) -> np.ndarray:
+    """Sample ``opts.n`` images with a PyTorch epsilon model; returns uint8 NHWC."""
+    sampler = make_sampler(opts.sampler, diffusion, eta=opts.eta, skip=opts.skip)
+    sampler.set_timesteps(opts.steps)
+    x_T, g = initial_noise(opts.n, shape, opts.seed)
+    out = []
+    chunks = range(0, opts.n, opts.batch_size)
+    for s in tqdm(chunks, desc=f"sampling {opts.n} images", disable=not progress or len(chunks) == 1):
+        reset = getattr(eps_model, "reset_cache", None)  # stateful models (timestep caches) restart here
+        x = sample_loop(eps_model, sampler, x_T[s: s + opts.batch_size], g,
+                        progress=progress and len(chunks) == 1, on_start=reset)
+        out.append(from_model_range(x.clamp(-1, 1).numpy()))
+    return np.concatenate(out)
+
+
+def write_samples(images: np.ndarray, out: str | os.PathLike, meta: dict) -> tuple[Path, Path]:
+    """Write ``<out>.png`` (grid of up to 64) and ``<out>.npz`` (``arr_0`` uint8 NHWC, ADM style) + meta."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix.lower() in (".png", ".npz") else out
+    base.parent.mkdir(parents=True, exist_ok=True)
+    png = save_grid(images[:64], base.with_suffix(".png"), scale=2)
+    npz = base.with_suffix(".npz")
+    np.savez(npz, arr_0=images)
+    base.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return png, npz
+
+
+def sample_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike, opts: SampleOptions,
+                      use_ema: bool = True, progress: bool = True) -> tuple[Path, Path]:
+    """Load a checkpoint, sample, write grid + npz; returns their paths."""
+    from .train import load_model
+
+    model, spec, ckpt = load_model(ckpt_path, use_ema=use_ema)
+    shape = (spec.unet.in_channels, spec.unet.resolution, spec.unet.resolution)
+    with torch.no_grad():
+        images = generate(model, Diffusion(spec.diffusion), shape, opts, progress=progress)
+    meta = {"checkpoint": str(ckpt_path), "step": ckpt["step"], **opts.__dict__}
+    return write_samples(images, out, meta)

@@ -1,0 +1,161 @@
+"""Torch-free specs of what a run builds: the U-Net, the noise schedule, the data and the training loop.
+
+Named presets are the supported starting points (``UNetConfig.from_name("tiny")``); every field can be
+changed with ``--set key=value`` on the CLI and is validated here, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from .config import Config, ConfigError, check
+
+SPEC_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(Config):
+    """The DDPM/DDIM pixel U-Net (Ho et al. 2020; pesser/pytorch_diffusion ``Model``).
+
+    ``attn_resolutions`` are feature-map sizes (16 means "at 16x16"). GroupNorm uses ``num_groups`` groups,
+    so every channel count (``ch * mult``) must be divisible by it.
+    """
+
+    resolution: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    num_groups: int = 32
+    norm_eps: float = 1e-6
+
+    def validate(self) -> None:
+        check(self.resolution > 0 and self.resolution % 2 ** (len(self.ch_mult) - 1) == 0,
+              f"unet.resolution={self.resolution} must be divisible by 2**(len(ch_mult)-1)")
+        check(len(self.ch_mult) >= 1, "unet.ch_mult must have at least one level")
+        for m in self.ch_mult:
+            check((self.ch * m) % self.num_groups == 0,
+                  f"unet.ch*ch_mult ({self.ch}*{m}) must be divisible by unet.num_groups={self.num_groups}")
+        check(self.num_res_blocks >= 1, "unet.num_res_blocks must be >= 1")
+        check(0.0 <= self.dropout < 1.0, f"unet.dropout must be in [0, 1), got {self.dropout}")
+        check(self.in_channels in (1, 3) and self.out_channels in (1, 3),
+              "unet.in_channels and unet.out_channels must be 1 or 3")
+        levels = {self.resolution // 2**i for i in range(len(self.ch_mult))}
+        bad = sorted(set(self.attn_resolutions) - levels)
+        check(not bad, f"unet.attn_resolutions {bad} are not feature-map sizes of this U-Net ({sorted(levels)})")
+
+    @property
+    def temb_ch(self) -> int:
+        return self.ch * 4
+
+    @classmethod
+    def from_name(cls, name: str) -> "UNetConfig":
+        if name not in UNET_PRESETS:
+            raise ConfigError(f"unknown U-Net preset {name!r}; choose from {sorted(UNET_PRESETS)}")
+        return UNET_PRESETS[name]
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # pesser/pytorch_diffusion CIFAR-10 (= ermongroup/ddim, BiDM-cifar): 35.7M parameters.
+    "cifar10": UNetConfig(),
+    # CPU-sized model for the demo and the tests: 32x32 grey digits, four levels, attention at 16x16.
+    "tiny": UNetConfig(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
+                       attn_resolutions=(16,), dropout=0.0),
+    # The same size for 3-channel data (CIFAR-10 pickles, image folders) on a CPU.
+    "tiny-rgb": UNetConfig(in_channels=3, out_channels=3, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
+                           attn_resolutions=(16,), dropout=0.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig(Config):
+    """Noise schedule of the forward process q(x_t | x_0) and the prediction target (epsilon)."""
+
+    schedule: Literal["linear", "ldm_linear", "cosine", "quad"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    timesteps: int = 1000
+
+    def validate(self) -> None:
+        check(self.timesteps >= 2, f"diffusion.timesteps must be >= 2, got {self.timesteps}")
+        check(0 < self.beta_start < self.beta_end < 1,
+              f"diffusion needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    """Where training images come from. ``source`` is a loader name; ``path`` is needed by the file loaders."""
+
+    source: Literal["mnist5k", "digits", "folder", "cifar10", "npz"] = "mnist5k"
+    path: str = ""
+    resolution: int = 32
+    channels: int = 1
+    hflip: bool = False
+    limit: int = 0  # use only the first `limit` images (0 = all)
+
+    def validate(self) -> None:
+        check(self.source in ("mnist5k", "digits") or bool(self.path),
+              f"data.path is required for data.source={self.source!r} (e.g. --data {self.source}:/path/to/data)")
+        check(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
+        check(self.resolution >= 8, f"data.resolution must be >= 8, got {self.resolution}")
+        check(self.limit >= 0, "data.limit must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """The optimisation loop: AdamW, linear warm-up, gradient clipping, EMA of the weights."""
+
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    threads: int = 0  # torch intra-op threads per process (0 = leave torch's default)
+
+    def validate(self) -> None:
+        check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(0.0 < self.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        check(self.log_every >= 1 and self.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
+        check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec(Config):
+    """Everything one training run needs; stored inside every checkpoint it writes."""
+
+    unet: UNetConfig = UNetConfig.from_name("tiny")
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def validate(self) -> None:
+        check(self.unet.in_channels == self.data.channels,
+              f"unet.in_channels={self.unet.in_channels} but data.channels={self.data.channels}; "
+              "pick a preset with matching channels (tiny: 1, tiny-rgb/cifar10: 3) or set data.channels")
+        check(self.unet.resolution == self.data.resolution,
+              f"unet.resolution={self.unet.resolution} but data.resolution={self.data.resolution}")
+
+
+def build_train_spec(preset: str = "tiny", data: str = "mnist5k", steps: int | None = None,
+                     overrides: tuple[str, ...] | list[str] = ()) -> TrainSpec:
+    """The spec the CLI's ``train`` builds: a U-Net preset, a ``--data NAME[:PATH]`` and ``--set`` overrides."""
+    unet = UNetConfig.from_name(preset)
+    source, _, path = data.partition(":")
+    data_cfg = {"source": source, "path": path, "channels": unet.in_channels, "resolution": unet.resolution}
+    spec = TrainSpec.from_dict({"unet": unet.to_dict(), "data": data_cfg})
+    if steps is not None:
+        spec = spec.replace(train=spec.train.replace(steps=steps))
+    return spec.with_overrides(overrides)

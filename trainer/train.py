@@ -1,0 +1,208 @@
+"""Full-precision diffusion training: AdamW, warm-up, clipping, EMA, atomic checkpoints, exact resume, DDP.
+
+Randomness is a pure function of ``(train.seed, step)``: the batch indices, the timesteps and the noise
+of step ``s`` are drawn from generators seeded with ``(seed, s)`` for the *global* batch, and each DDP
+rank takes its slice. Hence a run resumed from ``state.ckpt`` continues exactly as if never stopped, and
+an N-process DDP run computes the same updates as one process with the same global batch.
+
+Run several processes with ``torchrun --nproc_per_node=N -m bdmtool.tools.cli train ...`` (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_save, checkpoint_spec, load_checkpoint, make_checkpoint
+from .data import load_images
+from .diffusion import Diffusion
+from .metrics import MetricsLog, plot_loss_curve
+from .spec import TrainSpec
+from .unet import UNet, count_parameters
+
+STATE_FILE, MODEL_FILE, METRICS_FILE, LOSS_PNG = "state.ckpt", "model.ckpt", "metrics.jsonl", "loss.png"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextmanager
+def distributed():
+    """Initialise gloo from torchrun's environment (RANK/WORLD_SIZE) when present; single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        try:
+            yield DistEnv(dist.get_rank(), dist.get_world_size())
+        finally:
+            dist.destroy_process_group()
+    else:
+        yield DistEnv()
+
+
+def _generator(*keys: int) -> torch.Generator:
+    seed = 0
+    for k in keys:  # simple, stable mixing of several integers into one 63-bit seed
+        seed = (seed * 1_000_003 + int(k) + 0x9E3779B9) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch at ``step``: consecutive slices of a fresh permutation per epoch."""
+    pos = torch.arange(step * batch, (step + 1) * batch)
+    epochs, offsets = pos // n, pos % n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=_generator(seed, 1, e))
+        m = epochs == e
+        out[m] = perm[offsets[m]]
+    return out
+
+
+def make_batch(images_u8: torch.Tensor, spec: TrainSpec, step: int, env: DistEnv):
+    """This rank's slice of the global batch at ``step``: (x0 in [-1,1], t, noise)."""
+    tc = spec.train
+    idx = batch_indices(len(images_u8), tc.batch_size, step, tc.seed)
+    g = _generator(tc.seed, 2, step)
+    t = torch.randint(0, spec.diffusion.timesteps, (tc.batch_size,), generator=g)
+    x0 = images_u8[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if spec.data.hflip:
+        flip = torch.rand(tc.batch_size, generator=g) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    noise = torch.randn(x0.shape, generator=g)
+    per = tc.batch_size // env.world
+    sl = slice(env.rank * per, (env.rank + 1) * per)
+    return x0[sl], t[sl], noise[sl]
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA with the usual warm-up: effective decay min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1.0 - d)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def lr_at(step: int, spec: TrainSpec) -> float:
+    w = spec.train.warmup_steps
+    return spec.train.lr * min(1.0, (step + 1) / w) if w else spec.train.lr
+
+
+def _check_resume_spec(saved: TrainSpec, spec: TrainSpec, path: Path) -> None:
+    """Everything but the step budget and logging cadence must match to resume."""
+    a = saved.replace(train=saved.train.replace(steps=1, log_every=1, ckpt_every=1, threads=0))
+    b = spec.replace(train=spec.train.replace(steps=1, log_every=1, ckpt_every=1, threads=0))
+    if a != b:
+        diff = [k for k, v in b.to_dict().items() if a.to_dict()[k] != v]
+        raise ValueError(f"{path} was written by a run with a different spec (sections {diff}); "
+                         "resume with the same settings or choose a new --out directory")
+
+
+def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, progress: bool = True,
+          init_weights: dict | None = None) -> Path:
+    """Train ``spec`` into ``out_dir`` (``state.ckpt``, ``model.ckpt``, ``metrics.jsonl``, ``loss.png``).
+
+    Resumes from ``out_dir/state.ckpt`` when present and ``resume`` is true. ``init_weights`` starts
+    the model from a state dict (ignored when resuming). Returns the path of ``model.ckpt``.
+    """
+    out = Path(out_dir)
+    tc = spec.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    with distributed() as env:
+        if tc.batch_size % env.world:
+            raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {env.world} processes")
+        images = torch.from_numpy(load_images(spec.data))
+        diffusion = Diffusion(spec.diffusion)
+        torch.manual_seed(tc.seed)
+        model = UNet(spec.unet)
+        if init_weights is not None:
+            model.load_state_dict(init_weights)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        start = 0
+        state_path = out / STATE_FILE
+        if resume and state_path.exists():
+            ckpt = load_checkpoint(state_path)
+            _check_resume_spec(checkpoint_spec(ckpt), spec, state_path)
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            start = ckpt["step"]
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "spec.json").write_text(spec.to_json())
+        log = MetricsLog(out / METRICS_FILE, resume_step=start) if env.is_main else None
+        net = torch.nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
+
+        def save(step: int) -> None:
+            if not env.is_main:
+                return
+            rng = {"torch": torch.get_rng_state(), "seed": torch.tensor(tc.seed)}
+            atomic_save(make_checkpoint(spec, step, model.state_dict(), ema.state_dict(), opt.state_dict(), rng),
+                        state_path)
+            atomic_save(make_checkpoint(spec, step, ema.state_dict()), out / MODEL_FILE)
+            plot_loss_curve(out / METRICS_FILE, out / LOSS_PNG)
+
+        bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and env.is_main),
+                   desc=f"train {count_parameters(model) / 1e6:.2f}M params", dynamic_ncols=True)
+        model.train()
+        t_last = time.perf_counter()
+        for step in bar:
+            x0, t, noise = make_batch(images, spec, step, env)
+            torch.manual_seed(_generator(tc.seed, 3, step, env.rank).initial_seed())  # dropout
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, spec)
+            terms = diffusion.training_losses(net, x0, t, noise)
+            loss = terms["mse"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip else float("inf"))
+            opt.step()
+            ema_update(ema, model, tc.ema_decay, step)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                value = loss.detach().clone()
+                if env.world > 1:
+                    dist.all_reduce(value)
+                    value /= env.world
+                now = time.perf_counter()
+                if log is not None:
+                    log.log({"step": done, "loss": float(value), "grad_norm": float(gnorm), "lr": lr_at(step, spec),
+                             "sec_per_step": (now - t_last) / tc.log_every})
+                t_last = now
+                bar.set_postfix(loss=f"{float(value):.4f}")
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                save(done)
+        if start >= tc.steps:  # nothing to do: make sure the inference file exists
+            save(start)
+    return out / MODEL_FILE
+
+
+def load_model(path: str | os.PathLike, use_ema: bool = True) -> tuple[UNet, TrainSpec, dict]:
+    """Build the U-Net described by a checkpoint and load its (EMA) weights; returns (model, spec, ckpt)."""
+    from .checkpoint import inference_weights
+
+    ckpt = load_checkpoint(path)
+    spec = checkpoint_spec(ckpt)
+    model = UNet(spec.unet)
+    model.load_state_dict(inference_weights(ckpt, use_ema))
+    return model.eval(), spec, ckpt
