@@ -76,6 +76,19 @@ def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema):
     click.echo(f"wrote {png} and {npz}")
 
 
+@cli.command(name="import")
+@click.argument("src", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="bdmtool checkpoint to write.")
+@click.option("--resolution", type=int, default=32, show_default=True, help="Image size (pesser files do not store it).")
+@click.option("--dropout", type=float, default=None, help="Dropout for fine-tuning (default: 0.1 pesser, config for diffusers).")
+@_friendly
+def import_(src, out, resolution, dropout):
+    """Convert pytorch_diffusion/ddim weights (SRC file) or a diffusers UNet2DModel folder (SRC dir)."""
+    from bdmtool.trainer.interop import import_weights
+
+    click.echo(f"wrote {import_weights(src, out, resolution=resolution, dropout=dropout)}")
+
+
 def main() -> None:  # pragma: no cover
     cli(prog_name="bdmtool")
 

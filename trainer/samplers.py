@@ -147,7 +147,7 @@ class DiffusersSampler(Sampler):
         betas = diffusion.betas.float().numpy()
         common = dict(num_train_timesteps=diffusion.num_timesteps, trained_betas=betas)
         if kind == "plms":
-            self.scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **common)
+            self.scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=True, **common)
         elif kind == "dpmsolver":
             self.scheduler = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
                                                                    **common)
@@ -161,7 +161,7 @@ class DiffusersSampler(Sampler):
 
     def step(self, eps, i, x, generator):
         t = self.scheduler.timesteps[i]
-        return self.scheduler.step(eps, t, x, generator=generator).prev_sample
+        return self.scheduler.step(eps, t, x).prev_sample  # both are deterministic multistep solvers
 
 
 SAMPLERS = ("ddim", "ddpm", "plms", "dpmsolver")

@@ -1,0 +1,120 @@
+"""Schedule and sampler math against independent formulas and exact analytic cases."""
+
+import numpy as np
+import pytest
+import torch
+
+from bdmtool.trainer.diffusion import Diffusion, beta_schedule
+from bdmtool.trainer.samplers import (DDIMSampler, DDPMSampler, ddim_timesteps, make_sampler, sample_loop)
+from bdmtool.trainer.spec import DiffusionConfig
+
+torch.set_default_dtype(torch.float64)
+D = Diffusion(DiffusionConfig())
+
+
+def teardown_module():
+    torch.set_default_dtype(torch.float32)
+
+
+def test_linear_schedule_values():
+    b = beta_schedule(DiffusionConfig())
+    assert b.shape == (1000,) and b[0] == pytest.approx(1e-4) and b[-1] == pytest.approx(0.02)
+    assert np.allclose(np.diff(b), (0.02 - 1e-4) / 999)
+    ldm = beta_schedule(DiffusionConfig(schedule="ldm_linear", beta_start=0.0015, beta_end=0.0195))
+    assert ldm[0] == pytest.approx(0.0015) and ldm[-1] == pytest.approx(0.0195)
+    assert np.allclose(np.sqrt(ldm), np.linspace(np.sqrt(0.0015), np.sqrt(0.0195), 1000))
+    cos = beta_schedule(DiffusionConfig(schedule="cosine"))
+    assert (cos > 0).all() and cos.max() <= 0.999
+
+
+def test_q_sample_marginal_statistics():
+    x0 = torch.full((20000, 1), 0.7)
+    t = torch.full((20000,), 300)
+    xt = D.q_sample(x0, t, torch.randn(20000, 1, generator=torch.Generator().manual_seed(0)))
+    abar = float(D.alphas_cumprod[300])
+    assert float(xt.mean()) == pytest.approx(0.7 * abar**0.5, abs=0.02)
+    assert float(xt.var()) == pytest.approx(1 - abar, rel=0.03)
+
+
+def test_uniform_and_quad_spacing_match_ermongroup():
+    assert ddim_timesteps(1000, 100, "uniform") == list(range(0, 1000, 10))
+    assert ddim_timesteps(1000, 50, "uniform")[:3] == [0, 20, 40]
+    quad = ddim_timesteps(1000, 100, "quad")
+    assert len(quad) == 100 and quad[:8] == [0, 0, 0, 0, 1, 2, 2, 3]
+    assert quad[-1] == 800 and len(set(quad)) == 96  # ermongroup: max 0.8T, 96 distinct at 100 steps
+    assert quad == sorted(quad)
+    with pytest.raises(ValueError, match="unknown timestep skip"):
+        ddim_timesteps(1000, 10, "cubic")
+
+
+def _toy_eps(x, t):  # a smooth, t-dependent, nonlinear stand-in for a network
+    return torch.tanh(x * 0.9 + t[:, None] / 1000.0) * 0.8
+
+
+def test_ddim_eta0_all_steps_is_the_deterministic_ode_euler_step():
+    """DDIM(eta=0) == Euler on d(x/sqrt(a)) = eps d(sqrt(1/a - 1)) (Song et al. 2021, eq. 14)."""
+    s = DDIMSampler(D, eta=0.0)
+    s.set_timesteps(1000)
+    assert s.timesteps == list(range(999, -1, -1))
+    x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    out = sample_loop(_toy_eps, s, x_T)
+    abar = D.alphas_cumprod
+    xbar = x_T / abar[999].sqrt()
+    for t in range(999, -1, -1):
+        a = abar[t]
+        a_prev = abar[t - 1] if t > 0 else torch.tensor(1.0)
+        eps = _toy_eps(xbar * a.sqrt(), torch.full((4,), float(t)))
+        xbar = xbar + ((1 / a_prev - 1).sqrt() - (1 / a - 1).sqrt()) * eps
+    assert torch.allclose(out, xbar, atol=1e-10)
+
+
+def test_ddim_eta1_all_steps_equals_ddpm_posterior_variance():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(2))
+    ddim, ddpm = DDIMSampler(D, eta=1.0), DDPMSampler(D, var_type="fixedsmall")
+    ddim.set_timesteps(1000)
+    ddpm.set_timesteps(1000)
+    # DDPM adds no noise on its last step; DDIM's sigma is 0 there too (a_prev = 1) -> same RNG use.
+    assert torch.allclose(sample_loop(_toy_eps, ddim, x_T, g1), sample_loop(_toy_eps, ddpm, x_T, g2), atol=1e-8)
+
+
+def test_ddim_matches_diffusers_scheduler():
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
+                                    set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    sched.set_timesteps(20)
+    s = DDIMSampler(D, eta=0.0)
+    s.set_timesteps(20)
+    assert s.timesteps == [int(t) for t in sched.timesteps]
+    x = torch.randn(3, 4, dtype=torch.float32)
+    ref = x.clone()
+    for i, t in enumerate(s.timesteps):
+        tb = torch.full((3,), float(t))
+        x = s.step(_toy_eps(x.double(), tb).float(), i, x, None)
+        ref = sched.step(_toy_eps(ref.double(), tb).float(), t, ref, eta=0.0).prev_sample
+    assert torch.allclose(x.float(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,steps", [("ddim", 20), ("ddpm", 1000), ("plms", 20), ("dpmsolver", 15)])
+def test_every_sampler_recovers_a_point_mass_with_the_exact_eps(name, steps):
+    """For data = a single point x*, the exact eps is (x - sqrt(a) x*)/sqrt(1-a); every sampler must land on x*."""
+    target = torch.tensor([[0.5, -0.25, 0.9]], dtype=torch.float32)
+
+    def exact_eps(x, t):
+        a = D.alphas_cumprod[t.long()].to(x.dtype)[:, None]
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+    sampler = make_sampler(name, D)
+    sampler.set_timesteps(steps)
+    x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    out = sample_loop(exact_eps, sampler, x_T, torch.Generator().manual_seed(1))
+    assert torch.allclose(out, target.expand_as(out), atol=2e-2), (name, out)
+
+
+def test_sampler_misuse_errors():
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        DDIMSampler(D).timesteps
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("euler", D)
+    with pytest.raises(ValueError, match="eta must be"):
+        DDIMSampler(D, eta=-1)
