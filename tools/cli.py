@@ -89,6 +89,19 @@ def import_(src, out, resolution, dropout):
     click.echo(f"wrote {import_weights(src, out, resolution=resolution, dropout=dropout)}")
 
 
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default="report", show_default=True)
+@click.option("--n", type=int, default=64, show_default=True, help="Samples per model.")
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_friendly
+def demo(out, n, steps, seed):
+    """Run the whole product on the embedded default model and write OUT/report.md (stages are reused)."""
+    from bdmtool.tools.demo import run_demo
+
+    run_demo(out, n_samples=n, steps=steps, seed=seed, log=click.echo)
+
+
 def main() -> None:  # pragma: no cover
     cli(prog_name="bdmtool")
 
