@@ -132,6 +132,114 @@ class TrainConfig(Config):
         check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
 
 
+WEIGHT_BINARIZER_NAMES = ("ste_sign", "scaled_sign", "magnitude_aware_sign", "ebb", "dorefa", "reste")
+ACT_QUANTIZER_NAMES = ("identity", "ste_sign", "approx_sign", "rsign", "lsq", "dorefa", "reste")
+# BinaryDM's head/tail on the pixel U-Net: LDM-4's first 6 input / last 6 output timestep blocks are its two
+# highest-resolution levels (3 blocks per level), so EBB goes to levels 0 and 1 of the down and up paths.
+HEAD_TAIL_LEVELS = ("down.0.*", "down.1.*", "up.0.*", "up.1.*")
+
+
+@dataclasses.dataclass(frozen=True)
+class BinarizeConfig(Config):
+    """Which layers become binary and how: one config per method (see ``METHODS``), not one file.
+
+    ``keep_fp`` and ``ebb_layers`` are fnmatch patterns over module names (``down.1.block.0.conv1``).
+    Padding seen by binarized inputs: 1-bit activations are padded with +1 (LCE ``pad_values=1``,
+    'same-one'); multi-bit activations with 0 (exact in LCE with same-zero bit-plane bconvs plus a
+    constant border correction). sign(0) = +1 everywhere.
+    """
+
+    method: str = "binarydm"
+    weight: Literal["ste_sign", "scaled_sign", "magnitude_aware_sign", "ebb", "dorefa", "reste"] = "scaled_sign"
+    act: Literal["identity", "ste_sign", "approx_sign", "rsign", "lsq", "dorefa", "reste"] = "lsq"
+    wbits: int = 1
+    abits: int = 4
+    keep_fp: tuple[str, ...] = ("conv_in", "conv_out", "temb.dense.*")
+    bias: bool = True  # keep the FP bias of binarized layers (BiDM drops it)
+    ebb_layers: tuple[str, ...] = ()  # layers with EBB's second basis (BinaryDM: HEAD_TAIL_LEVELS)
+    ebb_stage2_step: int = -1  # training step at which sigma_II is dropped (-1: never)
+    act_scale: Literal["none", "xnor", "tbs"] = "none"  # K = box(mean_c|x|): fixed (XNOR) or learnable (TBS)
+    output_scale: Literal["none", "xnorpp"] = "none"  # XNOR++ learned Gamma = a_o (x) b_h (x) c_w
+    shortcut: Literal["none", "bidm", "bbcu"] = "none"  # learnable per-conv residual (BiDM) / identity (BBCU)
+    shortcut_init: float = 0.0  # BiDM CIFAR: gamma init 0.0 (LDM: 0.3)
+    post: Literal["none", "rprelu"] = "none"  # ReActNet/BBCU RPReLU after the binary conv
+    progressive: Literal["none", "middle_out"] = "none"  # BinaryDM: binarize one level group at a time
+    progressive_every: int = 1  # steps between groups (official: 1)
+    timestep_cache: tuple[str, ...] = ()  # BiDM cross-timestep connection sites (fnmatch over module names)
+    cache_buckets: int = 100  # learnable alpha per timestep bucket t // (T / buckets)
+    cache_delta: int = 20  # training draws the cache at t + delta (= the sampler's stride)
+    reste_o_end: float = 3.0  # ReSTE annealing o: 1 -> o_end over training
+
+    def validate(self) -> None:
+        check(self.wbits == 1, f"binarize.wbits must be 1 (binary weights), got {self.wbits}")
+        check(self.abits in (1, 4, 8, 32), f"binarize.abits must be 1, 4, 8 or 32, got {self.abits}")
+        one_bit = ("ste_sign", "approx_sign", "rsign", "dorefa", "reste")
+        if self.abits == 1:
+            check(self.act in one_bit, f"binarize.act={self.act!r} is not a 1-bit quantizer; use one of {one_bit}")
+        elif self.abits == 32:
+            check(self.act == "identity", "binarize.abits=32 needs binarize.act='identity'")
+        else:
+            check(self.act == "lsq", f"binarize.abits={self.abits} needs binarize.act='lsq'")
+        check(self.act_scale == "none" or self.abits == 1, "binarize.act_scale needs 1-bit activations")
+        check(not self.ebb_layers or self.weight in ("scaled_sign", "ebb"),
+              "binarize.ebb_layers needs binarize.weight='scaled_sign' (EBB adds sigma_II on those layers)")
+        check(self.progressive_every >= 1, "binarize.progressive_every must be >= 1")
+        check(self.cache_buckets >= 1 and self.cache_delta >= 1, "binarize.cache_buckets/cache_delta must be >= 1")
+
+    @classmethod
+    def from_method(cls, method: str, abits: int | None = None) -> "BinarizeConfig":
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+        cfg = METHODS[method]
+        if abits is None or abits == cfg.abits:
+            return cfg
+        act = {1: cfg.act if cfg.abits == 1 else "ste_sign", 32: "identity"}.get(abits, "lsq")
+        return cfg.replace(abits=abits, act=act, act_scale=cfg.act_scale if abits == 1 else "none")
+
+
+_BIDM_FP = ("conv_in", "conv_out", "temb.dense.*", "*.nin_shortcut")
+METHODS: dict[str, BinarizeConfig] = {
+    # BinaryDM (ICLR'25): EBB on head/tail levels, learnable sigma elsewhere, LSQ activations, progressive.
+    "binarydm": BinarizeConfig(method="binarydm", weight="scaled_sign", act="lsq", abits=4,
+                               ebb_layers=HEAD_TAIL_LEVELS, ebb_stage2_step=-1, progressive="middle_out"),
+    # The "baseline" of both papers at W1A4/A8/A32: learnable per-channel sigma, LSQ, plain eps-MSE.
+    "baseline": BinarizeConfig(method="baseline", weight="scaled_sign", act="lsq", abits=4),
+    # BiDM (NeurIPS'24) W1A1: TBS (RSign threshold + learnable K + per-conv shortcut), cache, SPD.
+    "bidm": BinarizeConfig(method="bidm", weight="magnitude_aware_sign", act="rsign", abits=1, keep_fp=_BIDM_FP,
+                           bias=False, act_scale="tbs", shortcut="bidm", timestep_cache=("up.1.attn.*", "up.1.upsample")),
+    "xnor": BinarizeConfig(method="xnor", weight="magnitude_aware_sign", act="ste_sign", abits=1, act_scale="xnor"),
+    "xnorpp": BinarizeConfig(method="xnorpp", weight="ste_sign", act="ste_sign", abits=1, output_scale="xnorpp"),
+    "dorefa": BinarizeConfig(method="dorefa", weight="dorefa", act="dorefa", abits=1),
+    "reactnet": BinarizeConfig(method="reactnet", weight="magnitude_aware_sign", act="rsign", abits=1, post="rprelu"),
+    "reste": BinarizeConfig(method="reste", weight="reste", act="reste", abits=1),
+    "bbcu": BinarizeConfig(method="bbcu", weight="magnitude_aware_sign", act="rsign", abits=1, shortcut="bbcu",
+                           post="rprelu"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(Config):
+    """Loss terms added to the eps-MSE when training a binarized student from the FP teacher."""
+
+    lrm_weight: float = 0.0  # BinaryDM LRM lambda (1e-4)
+    lrm_k: int = 4  # keep ceil(C / K) principal directions
+    lrm_axis: Literal["channel", "width"] = "channel"  # paper (channel) or official code (width)
+    spd_weight: float = 0.0  # BiDM SPD (1e-2)
+    spd_patches: int = 4  # 4x4 grid of patches
+    spd_variant: Literal["code", "paper"] = "code"
+    ebb_tau: float = 0.0  # BinaryDM EBB regulariser tau * mean(sigma_II) (9e-2)
+
+    def validate(self) -> None:
+        check(self.lrm_weight >= 0 and self.spd_weight >= 0 and self.ebb_tau >= 0, "distill weights must be >= 0")
+        check(self.lrm_k >= 1 and self.spd_patches >= 1, "distill.lrm_k and distill.spd_patches must be >= 1")
+
+
+DISTILL_PRESETS: dict[str, DistillConfig] = {
+    "binarydm": DistillConfig(lrm_weight=1e-4, ebb_tau=9e-2),
+    "bidm": DistillConfig(spd_weight=1e-2),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSpec(Config):
     """Everything one training run needs; stored inside every checkpoint it writes."""
@@ -140,8 +248,13 @@ class TrainSpec(Config):
     diffusion: DiffusionConfig = DiffusionConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    binarize: BinarizeConfig | None = None  # None: full-precision training
+    distill: DistillConfig = DistillConfig()
+    teacher: str = ""  # FP checkpoint the binarized student starts from and distils (required for QAT)
 
     def validate(self) -> None:
+        check(self.binarize is None or bool(self.teacher),
+              "a binarized run needs a full-precision teacher: --teacher fp_model.ckpt")
         check(self.unet.in_channels == self.data.channels,
               f"unet.in_channels={self.unet.in_channels} but data.channels={self.data.channels}; "
               "pick a preset with matching channels (tiny: 1, tiny-rgb/cifar10: 3) or set data.channels")

@@ -1,0 +1,333 @@
+"""Binarization as a module swap: ``binarize_(model, cfg)`` replaces Conv2d/Linear layers by binary twins.
+
+The U-Net is untouched: every ``nn.Conv2d`` / ``nn.Linear`` whose name does not match ``cfg.keep_fp`` is
+swapped for a :class:`BinaryConv2d` (a Linear becomes a 1x1 convolution, which is also how the exporter
+writes it, since LCE never binarizes Dense layers). Parameter names are kept (``down.1.block.0.conv1.weight``
+holds the latent float weights), so FP weights load before or after the swap.
+
+One forward of a binary layer (input x, latent weights W)::
+
+    x_q = act_quantizer(x)                      # ACT_QUANTIZERS[cfg.act]; sign(0) = +1
+    x_q = pad(x_q, +1) if 1-bit else zero-pad   # what LCE computes: 'same-one' / same-zero bit planes
+    y   = conv(x_q, weight_binarizer(W))        # WEIGHT_BINARIZERS[cfg.weight], per-output-channel scale
+    y   = y * K(mean_c |x|)                     # XNOR (fixed box filter) / BiDM TBS (learnable k x k conv)
+    y   = y * Gamma                             # XNOR++ a_o (x) b_h (x) c_w
+    y   = y + bias ; y = RPReLU(y)              # as configured
+    y   = y + gamma * shortcut(x)               # BiDM learnable shortcut (FP 1x1 conv when C changes) / BBCU
+
+State that training changes is kept in buffers so it is checkpointed and exact on resume: ``active``
+(progressive binarization: an inactive layer computes the original float conv) and ``second_basis``
+(EBB stage: after stage 2 sigma_II is ignored; the parameter stays so optimizer state lines up).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import get_act_quantizer, get_weight_binarizer, sign
+from .spec import BinarizeConfig
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class RPReLU(nn.Module):
+    """ReActNet RPReLU: PReLU(x + gamma_c) + zeta_c (per channel)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(1, ch, 1, 1))
+        self.prelu = nn.PReLU(ch, init=0.25)
+        self.shift_out = nn.Parameter(torch.zeros(1, ch, 1, 1))
+
+    def forward(self, x):
+        return self.prelu(x + self.shift_in) + self.shift_out
+
+
+class BinaryConv2d(nn.Module):
+    """Binary-weight convolution with quantized inputs; see the module docstring for the forward."""
+
+    def __init__(self, conv: nn.Conv2d | nn.Linear, cfg: BinarizeConfig, name: str,
+                 in_hw: tuple[int, int] | None = None, ebb: bool = False):
+        super().__init__()
+        self.name, self.cfg = name, cfg
+        self.is_linear = isinstance(conv, nn.Linear)
+        w = conv.weight.detach()
+        if self.is_linear:
+            w = w[:, :, None, None]
+            self.kernel_size, self.stride, self.padding = 1, 1, 0
+        else:
+            if conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size[0] != conv.kernel_size[1]:
+                raise ValueError(f"{name}: only square, ungrouped, undilated convolutions can be binarized")
+            self.kernel_size, self.stride, self.padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        self.in_channels, self.out_channels = w.shape[1], w.shape[0]
+        self.weight = nn.Parameter(w.clone())
+        # BiDM drops the float bias of binarized layers (cfg.bias=False); BinaryDM keeps it.
+        keep = cfg.bias and conv.bias is not None
+        self.bias = nn.Parameter(conv.bias.detach().clone()) if keep else None
+        self.register_buffer("active", torch.tensor(True))
+        self.register_buffer("second_basis", torch.tensor(ebb))
+
+        # Weight binarizer parameters (initialised from the weights: no lazy init in forward).
+        self.weight_fn = get_weight_binarizer("ebb" if ebb else cfg.weight)
+        self.sigma1 = self.sigma2 = None
+        if cfg.weight == "scaled_sign" or ebb:
+            s1 = w.abs().mean(dim=(1, 2, 3), keepdim=True)
+            self.sigma1 = nn.Parameter(s1.clone())
+            if ebb:  # BinaryDM Eq. 5: sigma_II = mean |W - sigma_I sign(W)|
+                self.sigma2 = nn.Parameter((w - s1 * sign(w)).abs().mean(dim=(1, 2, 3), keepdim=True))
+        self.reste_o = 1.0  # annealed by the trainer for ReSTE (a schedule, not learned)
+
+        # Activation quantizer parameters.
+        self.act_fn = get_act_quantizer(cfg.act)
+        self.threshold = nn.Parameter(torch.zeros(1, self.in_channels, 1, 1)) if cfg.act == "rsign" else None
+        self.step = nn.Parameter(torch.tensor(1.0)) if cfg.act == "lsq" else None  # set by calibrate_()
+
+        # XNOR / TBS activation scale K = k_conv(mean_c |x|) (convolutions only, as in the official code).
+        self.k_conv = None
+        if cfg.act_scale != "none" and not self.is_linear:
+            k = self.kernel_size
+            self.k_conv = nn.Conv2d(1, 1, k, stride=self.stride, padding=self.padding, bias=cfg.act_scale == "tbs")
+            with torch.no_grad():
+                self.k_conv.weight.fill_(1.0 / (k * k))  # box filter: XNOR-Net's K = A * k
+                if self.k_conv.bias is not None:
+                    self.k_conv.bias.zero_()  # official: random U(-1/k, 1/k); zero keeps K = XNOR's at init
+            self.k_conv.requires_grad_(cfg.act_scale == "tbs")
+
+        # XNOR++ output scale Gamma = alpha_o (x) beta_h (x) gamma_w.
+        self.gamma_o = self.gamma_h = self.gamma_w = None
+        if cfg.output_scale == "xnorpp":
+            if in_hw is None:
+                raise ValueError(f"{name}: XNOR++ needs the layer's spatial size (binarize_ records it)")
+            oh, ow = (1, 1) if self.is_linear else self._out_hw(in_hw)
+            self.gamma_o = nn.Parameter(w.abs().mean(dim=(1, 2, 3)).reshape(1, -1, 1, 1).clone())
+            self.gamma_h = nn.Parameter(torch.ones(1, 1, oh, 1))
+            self.gamma_w = nn.Parameter(torch.ones(1, 1, 1, ow))
+
+        self.post = RPReLU(self.out_channels) if cfg.post == "rprelu" else None
+
+        # Learnable shortcut (BiDM) / identity residual (BBCU) around the binary conv, convolutions only.
+        self.shortcut_scale = self.shortcut_conv = None
+        self.shortcut_kind = "none" if self.is_linear else cfg.shortcut
+        if self.shortcut_kind == "bidm":
+            self.shortcut_scale = nn.Parameter(torch.tensor(float(cfg.shortcut_init)))
+            if self.in_channels != self.out_channels:
+                self.shortcut_conv = nn.Conv2d(self.in_channels, self.out_channels, 1)  # FP, counted by `ops`
+        elif self.shortcut_kind == "bbcu" and self.in_channels != self.out_channels:
+            self.shortcut_kind = "none"  # BBCU's residual needs matching channels
+
+    def _out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return ((in_hw[0] + 2 * p - k) // s + 1, (in_hw[1] + 2 * p - k) // s + 1)
+
+    @property
+    def abits(self) -> int:
+        return self.cfg.abits
+
+    def binary_weight(self) -> torch.Tensor:
+        """The weights the deployed layer uses: {-s, +s} per output channel (two bases under EBB stage 1)."""
+        if self.weight_fn.registry_name == "ebb":
+            return self.weight_fn(self.weight, self.sigma1, self.sigma2 if bool(self.second_basis) else None)
+        if self.sigma1 is not None:
+            return self.weight_fn(self.weight, self.sigma1)
+        if self.weight_fn.registry_name == "reste":
+            return self.weight_fn(self.weight, o=self.reste_o)
+        return self.weight_fn(self.weight)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step is not None:
+            return self.act_fn(x, self.step, self.cfg.abits)
+        if self.threshold is not None:
+            return self.act_fn(x, self.threshold)
+        if self.act_fn.registry_name == "reste":
+            return self.act_fn(x, o=self.reste_o)
+        return self.act_fn(x)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, pad_value: float) -> torch.Tensor:
+        if self.padding and pad_value != 0.0:
+            x = F.pad(x, (self.padding,) * 4, value=pad_value)
+            return F.conv2d(x, w, stride=self.stride)
+        return F.conv2d(x, w, stride=self.stride, padding=self.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_linear:
+            return self._forward4d(x[:, :, None, None]).flatten(1)
+        return self._forward4d(x)
+
+    def _forward4d(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.active):  # progressive binarization: still the original float layer
+            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        xq = self.quantize_input(x)
+        y = self._conv(xq, self.binary_weight(), pad_value=1.0 if self.cfg.abits == 1 else 0.0)
+        if self.k_conv is not None:
+            y = y * self.k_conv(x.abs().mean(dim=1, keepdim=True))
+        if self.gamma_o is not None:
+            y = y * (self.gamma_o * self.gamma_h * self.gamma_w)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        if self.post is not None:
+            y = self.post(y)
+        if self.shortcut_kind == "bidm":
+            sc = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
+            if self.shortcut_conv is not None:
+                sc = self.shortcut_conv(sc)
+            y = y + self.shortcut_scale * sc[..., : y.shape[-2], : y.shape[-1]]
+        elif self.shortcut_kind == "bbcu":
+            sc = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
+            y = y + sc[..., : y.shape[-2], : y.shape[-1]]
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, s={self.stride}, p={self.padding}, "
+                f"w={self.weight_fn.registry_name}, a={self.cfg.act}/{self.cfg.abits}b, linear={self.is_linear}")
+
+
+class TimestepCache(nn.Module):
+    """BiDM cross-timestep connection: out_i <- (1 - a[t, i]) out_i + a[t, i] * stopgrad(cache_i).
+
+    ``alpha`` [buckets, sites] is learnable (init 0). Sites are modules of the U-Net; forward hooks mix
+    and record their outputs. ``reset()`` empties the cache (start of every sampling run); while a site's
+    cache is empty the output passes unchanged and is recorded. ``recording_only`` fills the cache without
+    mixing (training's extra forward at t + delta).
+    """
+
+    def __init__(self, sites: list[str], buckets: int, timesteps: int):
+        super().__init__()
+        self.sites, self.buckets, self.timesteps = list(sites), buckets, timesteps
+        self.alpha = nn.Parameter(torch.zeros(buckets, len(sites)))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.t: torch.Tensor | None = None
+        self.recording_only = False
+
+    def reset(self) -> None:
+        self.cache = {}
+
+    def bucket(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.long() * self.buckets // self.timesteps).clamp(0, self.buckets - 1)
+
+    def hook(self, index: int):
+        site = self.sites[index]
+
+        def fn(module, inputs, out):
+            prev = self.cache.get(site)
+            if prev is not None and not self.recording_only and prev.shape == out.shape:
+                a = self.alpha[self.bucket(self.t), index].reshape(-1, *([1] * (out.ndim - 1)))
+                out = (1 - a) * out + a * prev.detach()
+            self.cache[site] = out.detach()
+            return out
+        return fn
+
+
+def _record_shapes(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, int]]:
+    shapes: dict[str, tuple[int, int]] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: shapes.__setitem__(n, tuple(inp[0].shape[-2:])))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def binarize_(model: nn.Module, cfg: BinarizeConfig, example_input: tuple[torch.Tensor, ...] | None = None,
+              timesteps: int = 1000) -> nn.Module:
+    """Swap every Conv2d/Linear not matching ``cfg.keep_fp`` for a BinaryConv2d, in place; returns ``model``.
+
+    ``example_input`` (default: zeros of the U-Net's input shape) is run once to record each layer's input
+    size, which XNOR++ needs; nothing is initialised from data here (see ``calibrate_``).
+    """
+    if example_input is None:
+        ucfg = model.cfg
+        example_input = (torch.zeros(1, ucfg.in_channels, ucfg.resolution, ucfg.resolution), torch.zeros(1))
+    shapes = _record_shapes(model, example_input)
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and not _matches(n, cfg.keep_fp)]
+    if not targets:
+        raise ValueError(f"binarize: no Conv2d/Linear left after keep_fp={list(cfg.keep_fp)}")
+    for name, module in targets:
+        _set_submodule(model, name, BinaryConv2d(module, cfg, name, shapes.get(name),
+                                                 ebb=_matches(name, cfg.ebb_layers)))
+    if cfg.timestep_cache:
+        sites = [n for n, _ in model.named_modules() if n and _matches(n, cfg.timestep_cache)
+                 and not isinstance(model.get_submodule(n), BinaryConv2d)]
+        if not sites:
+            raise ValueError(f"binarize.timestep_cache={list(cfg.timestep_cache)} matches no module")
+        cache = TimestepCache(sites, cfg.cache_buckets, timesteps)
+        model.tbs_cache = cache
+        for i, site in enumerate(sites):
+            model.get_submodule(site).register_forward_hook(cache.hook(i))
+        model.register_forward_pre_hook(lambda mod, args: setattr(cache, "t", args[1]))
+    return model
+
+
+def binary_layers(model: nn.Module) -> list[BinaryConv2d]:
+    return [m for m in model.modules() if isinstance(m, BinaryConv2d)]
+
+
+def reset_state(model: nn.Module) -> None:
+    """Start of a sampling run: empty the BiDM timestep cache (if any)."""
+    cache = getattr(model, "tbs_cache", None)
+    if cache is not None:
+        cache.reset()
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
+    """Data-dependent initialisation, run once before QAT: LSQ step = 2 mean|x| / sqrt(Qp) per layer (LSQ init)."""
+    layers = [m for m in binary_layers(model) if m.step is not None]
+    hooks = []
+    for m in layers:
+        def pre(mod, inp):
+            qp = 2 ** (mod.cfg.abits - 1) - 1
+            mod.step.fill_(max(2.0 * float(inp[0].abs().mean()) / math.sqrt(qp), 1e-8))
+        hooks.append(m.register_forward_pre_hook(pre))
+    try:
+        reset_state(model)
+        model(x, t)
+        reset_state(model)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def level_groups(model: nn.Module) -> list[list[BinaryConv2d]]:
+    """BinaryDM progressive groups, middle outward: [mid], [down.L-1 + up.L-1], ..., [down.0 + up.0]."""
+    layers = binary_layers(model)
+    levels = sorted({int(m.name.split(".")[1]) for m in layers if m.name.split(".")[0] in ("down", "up")})
+    groups = [[m for m in layers if m.name.startswith("mid.")]]
+    for lv in reversed(levels):
+        groups.append([m for m in layers if m.name.startswith((f"down.{lv}.", f"up.{lv}."))])
+    rest = [m for m in layers if not any(m in g for g in groups)]
+    return [g for g in groups if g] + ([rest] if rest else [])
+
+
+def apply_schedule_(model: nn.Module, cfg: BinarizeConfig, step: int, total_steps: int) -> None:
+    """Set every schedule-driven state for training step ``step`` (a pure function of the step):
+    progressive binarization flags, EBB stage, ReSTE's annealed o."""
+    layers = binary_layers(model)
+    if cfg.progressive == "middle_out":
+        for i, group in enumerate(level_groups(model)):
+            on = step >= i * cfg.progressive_every
+            for m in group:
+                m.active.fill_(on)
+    if cfg.ebb_stage2_step >= 0 and step >= cfg.ebb_stage2_step:
+        for m in layers:
+            m.second_basis.fill_(False)
+    if cfg.weight == "reste" or cfg.act == "reste":
+        o = 1.0 + (1.0 - math.cos(math.pi / 2 * min(step / max(total_steps, 1), 1.0))) * (cfg.reste_o_end - 1.0)
+        for m in layers:
+            m.reste_o = o
