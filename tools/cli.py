@@ -36,21 +36,32 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--preset", default="tiny", show_default=True, help="U-Net preset (tiny, tiny-rgb, cifar10).")
-@click.option("--data", default="mnist5k", show_default=True,
-              help="mnist5k | digits | folder:DIR | cifar10:DIR | npz:FILE")
+@click.option("--preset", default="tiny", show_default=True, help="U-Net preset for FP training (tiny, tiny-rgb, cifar10).")
+@click.option("--data", default=None, help="mnist5k | digits | folder:DIR | cifar10:DIR | npz:FILE "
+              "[default: mnist5k, or the teacher's data for QAT]")
+@click.option("--method", default=None, help="Binarize with a method preset: binarydm, baseline, bidm, xnor, "
+              "xnorpp, dorefa, reactnet, reste, bbcu. Omit for full-precision training.")
+@click.option("--wbits", type=click.Choice(["1"]), default="1", help="Weight bits (binary).")
+@click.option("--abits", type=click.Choice(["1", "4", "8", "32"]), default=None,
+              help="Activation bits [default: the method's: 4 binarydm/baseline, 1 others].")
+@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
+              help="FP checkpoint the binarized student starts from and distils [default: the embedded model].")
 @click.option("--steps", type=int, default=None, help="Training steps (default: train.steps of the spec).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory (created; resumed if it has state.ckpt).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any spec field, e.g. --set train.lr=1e-4 --set unet.dropout=0.1 (repeatable).")
 @click.option("--no-resume", is_flag=True, help="Ignore an existing state.ckpt in --out and start over.")
 @_friendly
-def train(preset, data, steps, out, overrides, no_resume):
-    """Train a full-precision diffusion U-Net (resumes exactly; DDP under torchrun)."""
+def train(preset, data, method, wbits, abits, teacher, steps, out, overrides, no_resume):
+    """Train a full-precision U-Net, or a binarized one from an FP teacher (resumes exactly; DDP under torchrun)."""
     from bdmtool.trainer.spec import build_train_spec
     from bdmtool.trainer.train import train as run
 
-    path = run(build_train_spec(preset, data, steps, overrides), out, resume=not no_resume)
+    if method is not None and teacher is None:
+        teacher = str(DEFAULT_CKPT)
+    spec = build_train_spec(preset, data, steps, overrides, method=method,
+                            abits=None if abits is None else int(abits), teacher=teacher)
+    path = run(spec, out, resume=not no_resume)
     click.echo(f"wrote {path}")
 
 

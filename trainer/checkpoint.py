@@ -3,10 +3,11 @@
 A checkpoint is one ``torch.save`` file holding only tensors and plain containers, loaded with
 ``torch.load(weights_only=True)``::
 
-    {"format": "bdmtool-checkpoint", "format_version": 1, "kind": "fp",
+    {"format": "bdmtool-checkpoint", "format_version": 1, "kind": "fp" | "binary",
      "spec": TrainSpec.to_dict(), "step": int,
      "model": state_dict, "ema": state_dict | None,        # weights
-     "optimizer": state_dict | None, "rng": {...} | None}  # only in resumable training state
+     "optimizer": state_dict | None, "rng": {...} | None,  # only in resumable training state
+     "distill": {"sites": [...], "proj": [tensors]} | None}  # fixed LRM projections (BinaryDM)
 
 Two files per run: ``state.ckpt`` (everything, for exact resume) and ``model.ckpt`` (EMA weights and
 spec only: what ``sample`` and ``export`` read). Writes go to a temporary file in the same folder,
@@ -51,9 +52,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def make_checkpoint(spec: TrainSpec, step: int, model: dict, ema: dict | None = None,
-                    optimizer: dict | None = None, rng: dict | None = None, kind: str = "fp") -> dict:
+                    optimizer: dict | None = None, rng: dict | None = None, kind: str = "fp",
+                    distill: dict | None = None) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "spec": spec.to_dict(),
-            "step": int(step), "model": model, "ema": ema, "optimizer": optimizer, "rng": rng}
+            "step": int(step), "model": model, "ema": ema, "optimizer": optimizer, "rng": rng, "distill": distill}
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -75,6 +77,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} has checkpoint format_version {version}; this bdmtool reads "
                               f"version {FORMAT_VERSION}. Upgrade bdmtool or re-export the checkpoint.")
     return ckpt
+
+
+def read_spec(path: str | os.PathLike) -> TrainSpec:
+    """The spec stored in a checkpoint file."""
+    return checkpoint_spec(load_checkpoint(path))
 
 
 def checkpoint_spec(ckpt: dict) -> TrainSpec:

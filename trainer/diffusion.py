@@ -75,10 +75,10 @@ class Diffusion:
 
     def training_losses(self, model: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor,
                         noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """epsilon-MSE (mean over C, H, W and the batch). Returns ``{"mse": loss, "eps_pred": eps}``.
+        """epsilon-MSE (mean over C, H, W and the batch). Returns ``{"mse", "eps_pred", "x_t"}``.
 
-        ``eps_pred`` is returned (not a loss term) so distillation losses can reuse the forward pass.
+        ``eps_pred`` and ``x_t`` are returned (not loss terms) so distillation can reuse the forward pass.
         """
         x_t = self.q_sample(x0, t, noise)
         eps = model(x_t, t)
-        return {"mse": torch.mean((eps - noise) ** 2), "eps_pred": eps}
+        return {"mse": torch.mean((eps - noise) ** 2), "eps_pred": eps, "x_t": x_t}

@@ -107,6 +107,37 @@ class _SignReSTE(torch.autograd.Function):
         return g * torch.where(a > t, torch.zeros_like(a), grad), None, None, None
 
 
+class _ScaledSign(torch.autograd.Function):
+    """Forward exactly ``scale * sign(w)`` (no rounding from detach tricks); gradient to ``w`` only:
+    ``g * 1{|w| <= clip}`` (``clip=None``: identity). ``scale`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, w, scale, clip):
+        ctx.save_for_backward(w)
+        ctx.clip = clip
+        return scale * sign(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        if ctx.clip is None:
+            return g, None, None
+        return g * (w.abs() <= ctx.clip).to(g.dtype), None, None
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward (exact), gradient multiplied by ``scale`` (LSQ's step-size gradient scale)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
 class _RoundSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -163,9 +194,7 @@ def w_magnitude_aware_sign(w: torch.Tensor) -> torch.Tensor:
     Gradient: d/dW = 1{|W| <= 1} (the clamp STE of ReActNet's HardBinaryConv; no s factor).
     Source: BiDM ``util_ours.py`` L66-71; ReActNet ``birealnet.py`` (papers_impl.md §1.3).
     """
-    s = _per_channel_mean_abs(w).detach()
-    c = w.clamp(-1.0, 1.0)
-    return (s * sign(w)).detach() - c.detach() + c
+    return _ScaledSign.apply(w, _per_channel_mean_abs(w).detach(), 1.0)
 
 
 @register_weight("ebb")
@@ -190,8 +219,7 @@ def w_dorefa(w: torch.Tensor) -> torch.Tensor:
 
     Source: Zhou et al. 2016, k=1 weights (papers_impl.md §11).
     """
-    s = w.abs().mean().detach()
-    return (s * sign(w) - w).detach() + w
+    return _ScaledSign.apply(w, w.abs().mean().detach(), None)
 
 
 @register_weight("reste")
@@ -246,8 +274,7 @@ def a_lsq(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
     calibration to 2 mean|x| / sqrt(Qp)); the official code re-initialises it every batch (a bug).
     """
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    g = 1.0 / math.sqrt(x.numel() * qp)
-    s = (step - step * g).detach() + step * g  # value s, gradient scaled by g
+    s = _GradScale.apply(step, 1.0 / math.sqrt(x.numel() * qp))
     return round_ste(torch.clamp(x / s, qn, qp)) * s
 
 

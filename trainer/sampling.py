@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .binarize import reset_state
 from .data import from_model_range, save_grid
 from .diffusion import Diffusion
 from .samplers import make_sampler, sample_loop
@@ -46,9 +47,8 @@ def generate(eps_model: torch.nn.Module, diffusion: Diffusion, shape: tuple[int,
     out = []
     chunks = range(0, opts.n, opts.batch_size)
     for s in tqdm(chunks, desc=f"sampling {opts.n} images", disable=not progress or len(chunks) == 1):
-        reset = getattr(eps_model, "reset_cache", None)  # stateful models (timestep caches) restart here
         x = sample_loop(eps_model, sampler, x_T[s: s + opts.batch_size], g,
-                        progress=progress and len(chunks) == 1, on_start=reset)
+                        progress=progress and len(chunks) == 1, on_start=lambda: reset_state(eps_model))
         out.append(from_model_range(x.clamp(-1, 1).numpy()))
     return np.concatenate(out)
 

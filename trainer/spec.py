@@ -262,13 +262,38 @@ class TrainSpec(Config):
               f"unet.resolution={self.unet.resolution} but data.resolution={self.data.resolution}")
 
 
-def build_train_spec(preset: str = "tiny", data: str = "mnist5k", steps: int | None = None,
-                     overrides: tuple[str, ...] | list[str] = ()) -> TrainSpec:
-    """The spec the CLI's ``train`` builds: a U-Net preset, a ``--data NAME[:PATH]`` and ``--set`` overrides."""
-    unet = UNetConfig.from_name(preset)
-    source, _, path = data.partition(":")
-    data_cfg = {"source": source, "path": path, "channels": unet.in_channels, "resolution": unet.resolution}
-    spec = TrainSpec.from_dict({"unet": unet.to_dict(), "data": data_cfg})
+def build_train_spec(preset: str = "tiny", data: str | None = None, steps: int | None = None,
+                     overrides: tuple[str, ...] | list[str] = (), method: str | None = None,
+                     abits: int | None = None, teacher: str | None = None) -> TrainSpec:
+    """The spec the CLI's ``train`` builds.
+
+    Full precision (``method=None``): a U-Net preset, ``data`` as ``NAME[:PATH]`` (default mnist5k).
+    QAT (``method`` from ``METHODS``): the teacher checkpoint's U-Net, diffusion and data (``data`` overrides
+    the data), the method's binarize preset at ``abits``, its distillation preset, and for BinaryDM the EBB
+    stage switch at half the steps. ``--set`` overrides apply last.
+    """
+    if method is None:
+        unet = UNetConfig.from_name(preset)
+        base = TrainSpec(unet=unet, data=_data_config(data or "mnist5k", unet))
+    else:
+        if not teacher:
+            raise ConfigError(f"--method {method} needs --teacher FP_CHECKPOINT (e.g. the embedded default)")
+        from .checkpoint import read_spec  # torch is needed only to read the teacher's checkpoint
+
+        tspec = read_spec(teacher)
+        bcfg = BinarizeConfig.from_method(method, abits)
+        base = TrainSpec(unet=tspec.unet, diffusion=tspec.diffusion,
+                         data=_data_config(data, tspec.unet) if data else tspec.data,
+                         train=TrainConfig(lr=1e-4, warmup_steps=50), binarize=bcfg,
+                         distill=DISTILL_PRESETS.get(method, DistillConfig()), teacher=str(teacher))
     if steps is not None:
-        spec = spec.replace(train=spec.train.replace(steps=steps))
-    return spec.with_overrides(overrides)
+        base = base.replace(train=base.train.replace(steps=steps))
+    if base.binarize is not None and base.binarize.ebb_layers and base.binarize.ebb_stage2_step < 0:
+        base = base.replace(binarize=base.binarize.replace(ebb_stage2_step=base.train.steps // 2))
+    return base.with_overrides(overrides)
+
+
+def _data_config(arg: str, unet: UNetConfig) -> DataConfig:
+    source, _, path = arg.partition(":")
+    return DataConfig.from_dict({"source": source, "path": path, "channels": unet.in_channels,
+                                 "resolution": unet.resolution})

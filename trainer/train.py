@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save, checkpoint_spec, load_checkpoint, make_checkpoint
+from .binarize import binarize_
+from .checkpoint import atomic_save, checkpoint_spec, inference_weights, load_checkpoint, make_checkpoint
 from .data import load_images
 from .diffusion import Diffusion
 from .metrics import MetricsLog, plot_loss_curve
+from .objective import TrainingObjective
 from .spec import TrainSpec
 from .unet import UNet, count_parameters
 
@@ -132,11 +134,13 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
         images = torch.from_numpy(load_images(spec.data))
         diffusion = Diffusion(spec.diffusion)
         torch.manual_seed(tc.seed)
-        model = UNet(spec.unet)
-        if init_weights is not None:
-            model.load_state_dict(init_weights)
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        model, teacher = build_student(spec, init_weights)
+        ema = build_model(spec)
+        ema.load_state_dict(model.state_dict())
+        ema.eval().requires_grad_(False)
+        objective = TrainingObjective(spec, diffusion, model, teacher)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                weight_decay=tc.weight_decay)
         start = 0
         state_path = out / STATE_FILE
         if resume and state_path.exists():
@@ -146,20 +150,27 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt.get("distill"):
+                objective.distiller.load(ckpt["distill"])
             start = ckpt["step"]
+        else:
+            objective.prepare(*make_batch(images, spec, 0, env))
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "spec.json").write_text(spec.to_json())
         log = MetricsLog(out / METRICS_FILE, resume_step=start) if env.is_main else None
-        net = torch.nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
+        net = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=spec.binarize is not None)
+               if env.world > 1 else model)
+        kind = "fp" if spec.binarize is None else "binary"
 
         def save(step: int) -> None:
             if not env.is_main:
                 return
             rng = {"torch": torch.get_rng_state(), "seed": torch.tensor(tc.seed)}
-            atomic_save(make_checkpoint(spec, step, model.state_dict(), ema.state_dict(), opt.state_dict(), rng),
-                        state_path)
-            atomic_save(make_checkpoint(spec, step, ema.state_dict()), out / MODEL_FILE)
+            distill = objective.distiller.state() if objective.distiller.has_projections() else None
+            atomic_save(make_checkpoint(spec, step, model.state_dict(), ema.state_dict(), opt.state_dict(), rng,
+                                        kind=kind, distill=distill), state_path)
+            atomic_save(make_checkpoint(spec, step, ema.state_dict(), kind=kind), out / MODEL_FILE)
             plot_loss_curve(out / METRICS_FILE, out / LOSS_PNG)
 
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and env.is_main),
@@ -171,25 +182,28 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
             torch.manual_seed(_generator(tc.seed, 3, step, env.rank).initial_seed())  # dropout
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, spec)
-            terms = diffusion.training_losses(net, x0, t, noise)
-            loss = terms["mse"]
+            terms = objective(net, x0, t, noise, step)
+            loss = terms["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip else float("inf"))
+            gnorm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"],
+                                                   tc.grad_clip if tc.grad_clip else float("inf"))
             opt.step()
             ema_update(ema, model, tc.ema_decay, step)
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
-                value = loss.detach().clone()
+                names = sorted(terms)
+                values = torch.stack([terms[k].detach().float() for k in names])
                 if env.world > 1:
-                    dist.all_reduce(value)
-                    value /= env.world
+                    dist.all_reduce(values)
+                    values /= env.world
+                logged = {("loss" if k == "loss" else f"loss_{k}"): float(v) for k, v in zip(names, values)}
                 now = time.perf_counter()
                 if log is not None:
-                    log.log({"step": done, "loss": float(value), "grad_norm": float(gnorm), "lr": lr_at(step, spec),
+                    log.log({"step": done, **logged, "grad_norm": float(gnorm), "lr": lr_at(step, spec),
                              "sec_per_step": (now - t_last) / tc.log_every})
                 t_last = now
-                bar.set_postfix(loss=f"{float(value):.4f}")
+                bar.set_postfix(loss=f"{logged['loss']:.4f}")
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 save(done)
         if start >= tc.steps:  # nothing to do: make sure the inference file exists
@@ -197,12 +211,37 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
     return out / MODEL_FILE
 
 
-def load_model(path: str | os.PathLike, use_ema: bool = True) -> tuple[UNet, TrainSpec, dict]:
-    """Build the U-Net described by a checkpoint and load its (EMA) weights; returns (model, spec, ckpt)."""
-    from .checkpoint import inference_weights
+def build_model(spec: TrainSpec) -> torch.nn.Module:
+    """The network a spec trains: the U-Net, binarized by ``spec.binarize`` when set (random weights)."""
+    model = UNet(spec.unet)
+    if spec.binarize is not None:
+        binarize_(model, spec.binarize, timesteps=spec.diffusion.timesteps)
+    return model
 
+
+def build_student(spec: TrainSpec, init_weights: dict | None = None):
+    """(model, teacher): an FP model (teacher None), or a binarized student made from the FP teacher's
+    weights, with the teacher frozen and kept as a separate copy for distillation."""
+    if spec.binarize is None:
+        model = UNet(spec.unet)
+        if init_weights is not None:
+            model.load_state_dict(init_weights)
+        return model, None
+    teacher, tspec, _ = load_model(spec.teacher)
+    if tspec.binarize is not None:
+        raise ValueError(f"--teacher {spec.teacher} is itself binarized; the teacher must be a full-precision model")
+    if tspec.unet != spec.unet:
+        raise ValueError(f"the student's U-Net config differs from the teacher's ({spec.teacher}); "
+                         "QAT keeps the teacher's architecture (drop --preset/--set unet.* overrides)")
+    student = copy.deepcopy(teacher).train().requires_grad_(True)  # deep copy before the swap
+    binarize_(student, spec.binarize, timesteps=spec.diffusion.timesteps)
+    return student, teacher.eval().requires_grad_(False)
+
+
+def load_model(path: str | os.PathLike, use_ema: bool = True) -> tuple[torch.nn.Module, TrainSpec, dict]:
+    """Build the network described by a checkpoint and load its (EMA) weights; returns (model, spec, ckpt)."""
     ckpt = load_checkpoint(path)
     spec = checkpoint_spec(ckpt)
-    model = UNet(spec.unet)
+    model = build_model(spec)
     model.load_state_dict(inference_weights(ckpt, use_ema))
     return model.eval(), spec, ckpt

@@ -1,0 +1,174 @@
+"""Distillation from the frozen FP teacher: feature taps, LRM (BinaryDM), SPD (BiDM), EBB regulariser.
+
+Features are the U-Net's *block outputs* (the pixel-U-Net analogue of LDM's ``TimestepEmbedSequential``
+outputs): every ResnetBlock (or the AttnBlock after it), every Down/Upsample, and the middle block.
+Hooks are declared once per model by :class:`FeatureTap`; each loss is a pure function of the feature
+dicts and returns a scalar tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spec import DistillConfig
+from .unet import Downsample, Level, MidBlock, Upsample
+
+
+def feature_sites(model: nn.Module) -> list[str]:
+    """Names of the block-output modules of a :class:`~trainer.unet.UNet`, in forward order."""
+    sites: list[str] = []
+    for side in ("down", "up"):
+        levels = model.get_submodule(side)
+        order = range(len(levels)) if side == "down" else reversed(range(len(levels)))
+        for i in order:
+            level: Level = levels[i]
+            for j in range(len(level.block)):
+                sites.append(f"{side}.{i}.attn.{j}" if len(level.attn) else f"{side}.{i}.block.{j}")
+            for r in ("downsample", "upsample"):
+                if isinstance(getattr(level, r, None), (Downsample, Upsample)):
+                    sites.append(f"{side}.{i}.{r}")
+        if side == "down":
+            sites.append("mid")
+    assert all(isinstance(model.get_submodule(s), nn.Module) for s in sites)
+    assert isinstance(model.get_submodule("mid"), MidBlock)
+    return sites
+
+
+class FeatureTap:
+    """Forward hooks that keep the latest output of each named module: ``tap.features[name]``."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.names = list(names)
+        self.features: dict[str, torch.Tensor] = {}
+        self._hooks = [model.get_submodule(n).register_forward_hook(self._store(n)) for n in self.names]
+
+    def _store(self, name: str):
+        def fn(module, inputs, out):
+            self.features[name] = out
+        return fn
+
+    def clear(self) -> None:
+        self.features = {}
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------------- LRM
+
+
+def _lrm_matrix(f: torch.Tensor, axis: str) -> torch.Tensor:
+    if axis == "channel":  # paper: rows are pixels, columns channels
+        return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    return f.reshape(-1, f.shape[-1])  # official code: rows B*C*H, columns the width axis
+
+
+def lrm_fit(teacher_features: dict[str, torch.Tensor], k: int = 4, axis: str = "channel") -> dict[str, torch.Tensor]:
+    """Principal directions of each FP feature map (computed once, on the first batch, then fixed).
+
+    channel axis (paper Eq. 11-12): top ceil(C / k) eigenvectors of the channel covariance over B*H*W.
+    width axis (official code): q = W // 4 if W // 4 > 2 else 2 columns. Exact eigendecomposition
+    (the code's randomized ``torch.pca_lowrank`` is not reproducible). Returns {site: E [D, q]}.
+    """
+    out = {}
+    for name, f in teacher_features.items():
+        x = _lrm_matrix(f.detach().double(), axis)
+        d = x.shape[1]
+        q = math.ceil(d / k) if axis == "channel" else (d // 4 if d // 4 > 2 else 2)
+        q = min(q, d)
+        xc = x - x.mean(dim=0, keepdim=True)
+        evals, evecs = torch.linalg.eigh(xc.T @ xc / x.shape[0])
+        out[name] = evecs[:, torch.argsort(evals, descending=True)[:q]].float().contiguous()
+    return out
+
+
+def lrm_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+             proj: dict[str, torch.Tensor], axis: str = "channel") -> torch.Tensor:
+    """Mean over sites of MSE(F_s E, F_t E): the features mimicked in the FP low-rank space."""
+    terms = [F.mse_loss(_lrm_matrix(student[n], axis) @ e, _lrm_matrix(teacher[n].detach(), axis) @ e)
+             for n, e in proj.items()]
+    return torch.stack(terms).mean()
+
+
+# ------------------------------------------------------------------------------------------------- SPD
+
+
+def _patches(f: torch.Tensor, p: int):
+    h, w = f.shape[-2:]
+    p = min(p, h, w)
+    hs = torch.linspace(0, h, p + 1).long().tolist()
+    ws = torch.linspace(0, w, p + 1).long().tolist()
+    for i in range(p):
+        for j in range(p):
+            yield f[..., hs[i]:hs[i + 1], ws[j]:ws[j + 1]]
+
+
+def _gram_code(p: torch.Tensor) -> torch.Tensor:
+    q = p @ p.transpose(-1, -2)  # [B, C, h, h]: row Gram per channel
+    return q / q.norm()  # Frobenius norm of the whole tensor
+
+
+def _gram_paper(p: torch.Tensor) -> torch.Tensor:
+    v = p.flatten(2).transpose(1, 2)  # [B, h*w, C]
+    a = v @ v.transpose(1, 2)  # [B, hw, hw]: spatial attention within the patch
+    return a / a.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+
+
+def spd_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], patches: int = 4,
+             variant: str = "code") -> torch.Tensor:
+    """Space Patched Distillation: mean over features and patches of ||G(P_s) - G(P_t)||_F.
+
+    ``code`` (default, BiDM official ``r2b_loss``): G = per-channel row Gram P P^T normalised by the
+    Frobenius norm of the whole [B, C, h, h] tensor; the norm is over the whole batch, not squared.
+    ``paper``: G = per-sample spatial attention of the flattened patch, normalised per sample.
+    """
+    gram = _gram_code if variant == "code" else _gram_paper
+    terms = []
+    for name, fs in student.items():
+        ft = teacher[name].detach()
+        for ps, pt in zip(_patches(fs, patches), _patches(ft, patches)):
+            d = gram(ps) - gram(pt)
+            terms.append(d.norm() if variant == "code" else d.flatten(1).norm(dim=1).mean())
+    return torch.stack(terms).mean()
+
+
+# ------------------------------------------------------------------------------------------------- EBB
+
+
+def ebb_regulariser(model: nn.Module) -> torch.Tensor | None:
+    """mean(sigma_II) over every EBB layer still in stage 1 (BinaryDM Eq. 9, times tau by the caller)."""
+    from .binarize import binary_layers
+
+    sig = [m.sigma2.flatten() for m in binary_layers(model) if m.sigma2 is not None and bool(m.second_basis)]
+    return torch.cat(sig).mean() if sig else None
+
+
+class Distiller(nn.Module):
+    """Holds the teacher-derived state that must survive a resume (LRM projections) as buffers."""
+
+    def __init__(self, cfg: DistillConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.sites: list[str] = []
+
+    def has_projections(self) -> bool:
+        return bool(self.sites)
+
+    def set_projections(self, proj: dict[str, torch.Tensor]) -> None:
+        self.sites = list(proj)
+        for i, name in enumerate(self.sites):
+            self.register_buffer(f"proj_{i}", proj[name])
+
+    def projections(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"proj_{i}") for i, n in enumerate(self.sites)}
+
+    def state(self) -> dict:
+        return {"sites": list(self.sites), "proj": [getattr(self, f"proj_{i}") for i in range(len(self.sites))]}
+
+    def load(self, state: dict) -> None:
+        self.set_projections(dict(zip(state["sites"], state["proj"])))
