@@ -35,7 +35,15 @@ from .spec import BinarizeConfig
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
+    """fnmatch over the whole dotted name: ``*`` also crosses dots (``*.nin_shortcut``, ``down.0.*``)."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _matches_segments(name: str, patterns: Iterable[str]) -> bool:
+    """Segment-wise match: ``up.1.attn.*`` matches ``up.1.attn.0`` but not its children ``up.1.attn.0.q``."""
+    parts = name.split(".")
+    return any(len(p.split(".")) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, p.split(".")))
+               for p in patterns)
 
 
 class RPReLU(nn.Module):
@@ -68,7 +76,7 @@ class BinaryConv2d(nn.Module):
                 raise ValueError(f"{name}: only square, ungrouped, undilated convolutions can be binarized")
             self.kernel_size, self.stride, self.padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         self.in_channels, self.out_channels = w.shape[1], w.shape[0]
-        self.weight = nn.Parameter(w.clone())
+        self.weight = nn.Parameter(conv.weight.detach().clone())  # original shape: a Linear stays [O, I]
         # BiDM drops the float bias of binarized layers (cfg.bias=False); BinaryDM keeps it.
         keep = cfg.bias and conv.bias is not None
         self.bias = nn.Parameter(conv.bias.detach().clone()) if keep else None
@@ -131,15 +139,20 @@ class BinaryConv2d(nn.Module):
     def abits(self) -> int:
         return self.cfg.abits
 
+    def weight4d(self) -> torch.Tensor:
+        """Latent weights as a conv kernel [O, I, k, k] (a Linear's [O, I] becomes [O, I, 1, 1])."""
+        return self.weight[:, :, None, None] if self.is_linear else self.weight
+
     def binary_weight(self) -> torch.Tensor:
         """The weights the deployed layer uses: {-s, +s} per output channel (two bases under EBB stage 1)."""
+        w = self.weight4d()
         if self.weight_fn.registry_name == "ebb":
-            return self.weight_fn(self.weight, self.sigma1, self.sigma2 if bool(self.second_basis) else None)
+            return self.weight_fn(w, self.sigma1, self.sigma2 if bool(self.second_basis) else None)
         if self.sigma1 is not None:
-            return self.weight_fn(self.weight, self.sigma1)
+            return self.weight_fn(w, self.sigma1)
         if self.weight_fn.registry_name == "reste":
-            return self.weight_fn(self.weight, o=self.reste_o)
-        return self.weight_fn(self.weight)
+            return self.weight_fn(w, o=self.reste_o)
+        return self.weight_fn(w)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.step is not None:
@@ -163,7 +176,7 @@ class BinaryConv2d(nn.Module):
 
     def _forward4d(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.active):  # progressive binarization: still the original float layer
-            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+            return F.conv2d(x, self.weight4d(), self.bias, stride=self.stride, padding=self.padding)
         xq = self.quantize_input(x)
         y = self._conv(xq, self.binary_weight(), pad_value=1.0 if self.cfg.abits == 1 else 0.0)
         if self.k_conv is not None:
@@ -262,8 +275,7 @@ def binarize_(model: nn.Module, cfg: BinarizeConfig, example_input: tuple[torch.
         _set_submodule(model, name, BinaryConv2d(module, cfg, name, shapes.get(name),
                                                  ebb=_matches(name, cfg.ebb_layers)))
     if cfg.timestep_cache:
-        sites = [n for n, _ in model.named_modules() if n and _matches(n, cfg.timestep_cache)
-                 and not isinstance(model.get_submodule(n), BinaryConv2d)]
+        sites = [n for n, _ in model.named_modules() if n and _matches_segments(n, cfg.timestep_cache)]
         if not sites:
             raise ValueError(f"binarize.timestep_cache={list(cfg.timestep_cache)} matches no module")
         cache = TimestepCache(sites, cfg.cache_buckets, timesteps)

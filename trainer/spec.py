@@ -165,7 +165,7 @@ class BinarizeConfig(Config):
     post: Literal["none", "rprelu"] = "none"  # ReActNet/BBCU RPReLU after the binary conv
     progressive: Literal["none", "middle_out"] = "none"  # BinaryDM: binarize one level group at a time
     progressive_every: int = 1  # steps between groups (official: 1)
-    timestep_cache: tuple[str, ...] = ()  # BiDM cross-timestep connection sites (fnmatch over module names)
+    timestep_cache: tuple[str, ...] = ()  # BiDM cross-timestep sites: module names, matched segment by segment
     cache_buckets: int = 100  # learnable alpha per timestep bucket t // (T / buckets)
     cache_delta: int = 20  # training draws the cache at t + delta (= the sampler's stride)
     reste_o_end: float = 3.0  # ReSTE annealing o: 1 -> o_end over training

@@ -1,0 +1,202 @@
+"""binarize_: what is swapped, what the binary layer computes (the deployable semantics), EBB, TBS cache."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdmtool.trainer.binarize import (BinaryConv2d, apply_schedule_, binarize_, binary_layers, calibrate_,
+                                      level_groups, reset_state)
+from bdmtool.trainer.distill import spd_loss
+from bdmtool.trainer.quantizers import sign
+from bdmtool.trainer.spec import METHODS, BinarizeConfig, UNetConfig
+from bdmtool.trainer.unet import UNet
+
+CFG = UNetConfig(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                 dropout=0.0)
+
+
+def _model():
+    torch.manual_seed(0)
+    return UNet(CFG)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_swap_keeps_names_and_fp_layers(method):
+    cfg = BinarizeConfig.from_method(method)
+    fp = _model()
+    model = binarize_(copy.deepcopy(fp), cfg)
+    names = {m.name for m in binary_layers(model)}
+    assert "conv_in" not in names and "conv_out" not in names and not any(n.startswith("temb.dense") for n in names)
+    assert "down.0.block.0.conv1" in names and "down.0.block.0.temb_proj" in names and "mid.attn_1.q" in names
+    assert ("down.1.block.0.nin_shortcut" in names) == (method != "bidm")  # BiDM keeps nin_shortcut FP
+    sd = model.state_dict()
+    for k, v in fp.state_dict().items():  # latent weights keep their names and values
+        if k.endswith("weight"):
+            assert torch.equal(sd[k], v), k
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([5.0, 700.0])
+    calibrate_(model, x, t)
+    y = model(x, t)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def _layer(cfg, conv=None, ebb=False):
+    torch.manual_seed(1)
+    conv = conv or torch.nn.Conv2d(8, 16, 3, padding=1)
+    return BinaryConv2d(conv, cfg, "layer", in_hw=(6, 6), ebb=ebb), conv
+
+
+def test_one_bit_layer_pads_binary_input_with_plus_one_and_matches_manual_conv():
+    cfg = BinarizeConfig.from_method("xnor").replace(act_scale="none")
+    layer, conv = _layer(cfg)
+    x = torch.randn(2, 8, 6, 6)
+    x[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    w = conv.weight.detach()
+    wb = w.abs().mean(dim=(1, 2, 3), keepdim=True) * sign(w)
+    manual = F.conv2d(F.pad(sign(x), (1, 1, 1, 1), value=1.0), wb) + conv.bias.reshape(1, -1, 1, 1)
+    assert torch.equal(layer(x), manual)
+
+
+def test_multibit_layer_zero_pads_quantized_input():
+    cfg = BinarizeConfig.from_method("baseline", abits=4)
+    layer, conv = _layer(cfg)
+    with torch.no_grad():
+        layer.step.fill_(0.25)
+    x = torch.randn(2, 8, 6, 6)
+    xq = torch.round(torch.clamp(x / 0.25, -8, 7)) * 0.25
+    wb = layer.sigma1 * sign(conv.weight)
+    manual = F.conv2d(xq, wb, conv.bias, padding=1)
+    assert torch.allclose(layer(x), manual, atol=1e-6)
+
+
+def test_linear_is_a_one_by_one_binary_conv():
+    cfg = BinarizeConfig.from_method("xnor")
+    lin = torch.nn.Linear(12, 5)
+    layer = BinaryConv2d(lin, cfg, "lin")
+    x = torch.randn(3, 12)
+    wb = lin.weight.abs().mean(dim=1, keepdim=True) * sign(lin.weight)
+    assert torch.allclose(layer(x), F.linear(sign(x), wb, lin.bias), atol=1e-6)
+
+
+def test_ebb_stage_switch_changes_output_only_by_the_sigma2_term():
+    cfg = BinarizeConfig.from_method("binarydm", abits=4).replace(progressive="none")
+    layer, conv = _layer(cfg, ebb=True)
+    with torch.no_grad():
+        layer.step.fill_(0.2)
+    assert layer.sigma2 is not None and bool(layer.second_basis)
+    x = torch.randn(2, 8, 6, 6)
+    y1 = layer(x)
+    w = layer.weight.detach()
+    r = w - layer.sigma1 * sign(w)
+    sigma2_term = F.conv2d(layer.quantize_input(x), layer.sigma2 * sign(r), padding=1)
+    layer.second_basis.fill_(False)  # stage 2
+    y2 = layer(x)
+    assert torch.allclose(y1 - y2, sigma2_term, atol=1e-5)
+    assert not torch.allclose(y1, y2)
+
+
+def test_schedule_is_a_pure_function_of_the_step():
+    cfg = BinarizeConfig.from_method("binarydm").replace(ebb_stage2_step=10, progressive_every=2)
+    model = binarize_(_model(), cfg)
+    groups = level_groups(model)
+    assert [g[0].name.split(".")[0] for g in groups[:3]] == ["mid", "down", "down"]
+    assert all(m.name.startswith(("down.1", "up.1")) for m in groups[1])
+    apply_schedule_(model, cfg, 0, 100)
+    assert [bool(g[0].active) for g in groups] == [True] + [False] * (len(groups) - 1)
+    apply_schedule_(model, cfg, 2, 100)
+    assert [bool(g[0].active) for g in groups][:2] == [True, True]
+    apply_schedule_(model, cfg, 9, 100)
+    assert all(bool(m.second_basis) for m in binary_layers(model) if m.sigma2 is not None)
+    apply_schedule_(model, cfg, 10, 100)
+    assert all(bool(m.active) for m in binary_layers(model))
+    assert not any(bool(m.second_basis) for m in binary_layers(model))
+
+
+def test_inactive_layer_is_the_original_conv():
+    cfg = BinarizeConfig.from_method("binarydm")
+    fp = _model()
+    model = binarize_(copy.deepcopy(fp), cfg)
+    for m in binary_layers(model):
+        m.active.fill_(False)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10.0, 900.0])
+    assert torch.allclose(model(x, t), fp(x, t), atol=1e-5)
+
+
+def test_tbs_cache_reset_fill_and_mix():
+    cfg = BinarizeConfig.from_method("bidm").replace(timestep_cache=("up.1.attn.*",))
+    model = binarize_(_model(), cfg)
+    cache = model.tbs_cache
+    assert cache.sites == ["up.1.attn.0", "up.1.attn.1"]
+    with torch.no_grad():
+        cache.alpha.fill_(0.25)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([100.0, 100.0])
+    reset_state(model)
+    with torch.no_grad():
+        y_first = model(x, t)  # empty cache: no mixing, outputs recorded
+        assert set(cache.cache) == {"up.1.attn.0", "up.1.attn.1"}
+        reset_state(model)
+        assert cache.cache == {}
+        y_again = model(x, t)
+        assert torch.equal(y_first, y_again)
+        # Second call with a filled cache mixes: the site output becomes (1-a) out + a prev.
+        site = model.get_submodule("up.1.attn.0")
+        seen = {}
+        h = site.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))  # runs after the mix hook
+        model(x, t)
+        h.remove()
+        assert torch.equal(cache.cache["up.1.attn.0"], seen["out"])  # the cache holds the mixed output
+        # recording_only fills without mixing
+        reset_state(model)
+        cache.recording_only = True
+        y_rec = model(x, t)
+        cache.recording_only = False
+        assert torch.equal(y_rec, y_first)
+    assert cache.bucket(torch.tensor([0, 9, 10, 999])).tolist() == [0, 0, 1, 99]
+
+
+def test_tbs_mix_formula_on_a_site():
+    cfg = BinarizeConfig.from_method("bidm").replace(timestep_cache=("mid.attn_1",))
+    model = binarize_(_model(), cfg)
+    cache = model.tbs_cache
+    with torch.no_grad():
+        cache.alpha.fill_(0.0)
+        cache.alpha[3, 0] = 0.4  # bucket of t = 30..39
+    site = model.get_submodule("mid.attn_1")
+    captured = {}
+    site.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0]))
+    x, t = torch.randn(1, 1, 32, 32), torch.tensor([35.0])
+    with torch.no_grad():
+        reset_state(model)
+        model(x, t)
+        prev = cache.cache["mid.attn_1"].clone()
+        model(x * 0.5, t)
+        raw = site.forward(captured["x"])  # the module's own output (hooks not run by .forward)
+        assert torch.allclose(cache.cache["mid.attn_1"], 0.6 * raw + 0.4 * prev, atol=1e-6)
+
+
+def test_spd_equals_hand_computation():
+    torch.manual_seed(3)
+    fs, ft = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    total = 0.0
+    for i in range(2):
+        for j in range(2):
+            ps, pt = fs[..., 2 * i:2 * i + 2, 2 * j:2 * j + 2], ft[..., 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+            qs = torch.einsum("bcix,bcjx->bcij", ps, ps)
+            qt = torch.einsum("bcix,bcjx->bcij", pt, pt)
+            qs, qt = qs / qs.pow(2).sum().sqrt(), qt / qt.pow(2).sum().sqrt()
+            total += float((qs - qt).pow(2).sum().sqrt())
+    assert spd_loss({"f": fs}, {"f": ft}, patches=2) == pytest.approx(total / 4, rel=1e-5)
+    assert float(spd_loss({"f": fs}, {"f": fs.clone()}, patches=2)) == pytest.approx(0.0, abs=1e-6)
+    assert float(spd_loss({"f": fs}, {"f": ft}, patches=2, variant="paper")) > 0
+
+
+def test_invalid_configs_name_the_key():
+    from bdmtool.trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="binarize.abits=4 needs binarize.act='lsq'"):
+        BinarizeConfig(act="rsign", abits=4)
+    with pytest.raises(ConfigError, match="unknown method 'xnor-net'"):
+        BinarizeConfig.from_method("xnor-net")
+    with pytest.raises(ValueError, match="matches no module"):
+        binarize_(_model(), BinarizeConfig.from_method("bidm").replace(timestep_cache=("nope.*",)))
