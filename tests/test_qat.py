@@ -1,0 +1,114 @@
+"""Quantization-aware training from an FP teacher, for every method: it learns, resumes exactly, samples."""
+
+import pytest
+import torch
+
+from conftest import MICRO_UNET
+from bdmtool.trainer.binarize import apply_schedule_, calibrate_
+from bdmtool.trainer.checkpoint import load_checkpoint
+from bdmtool.trainer.diffusion import Diffusion
+from bdmtool.trainer.distill import feature_sites, lrm_fit
+from bdmtool.trainer.metrics import read_metrics
+from bdmtool.trainer.objective import TrainingObjective
+from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
+from bdmtool.trainer.spec import DistillConfig, build_train_spec
+from bdmtool.trainer.train import build_model, build_student, make_batch, train, DistEnv
+
+COMMON = ["data.limit=64", "train.batch_size=8", "train.log_every=1", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    spec = build_train_spec("tiny", "digits", 60, [*MICRO_UNET, *COMMON, "train.lr=2e-3", "train.warmup_steps=5"])
+    return str(train(spec, out, progress=False))
+
+
+def _qat_spec(teacher, method, abits=None, steps=20, *extra):
+    return build_train_spec(method=method, abits=abits, teacher=teacher, steps=steps,
+                            overrides=[*COMMON, "train.lr=1e-3", "train.warmup_steps=2", *extra])
+
+
+def _eval_loss(spec, model, teacher_model, batch):
+    spec = spec.replace(distill=DistillConfig())  # eps-MSE only (the TBS cache pass still runs)
+    obj = TrainingObjective(spec, Diffusion(spec.diffusion), model, teacher_model)
+    with torch.no_grad():
+        return float(obj(model, *batch, spec.train.steps)["mse"])
+
+
+@pytest.mark.parametrize("method,abits", [("binarydm", 4), ("binarydm", 8), ("baseline", 32), ("baseline", 4),
+                                          ("bidm", 1), ("xnor", 1), ("xnorpp", 1), ("dorefa", 1),
+                                          ("reactnet", 1), ("reste", 1), ("bbcu", 1)])
+def test_twenty_step_qat_lowers_the_loss(tmp_path, teacher, method, abits):
+    spec = _qat_spec(teacher, method, abits)
+    start, tmodel = build_student(spec)
+    images = torch.from_numpy(__import__("bdmtool.trainer.data", fromlist=["x"]).load_images(spec.data))
+    first = make_batch(images, spec, 0, DistEnv())
+    calibrate_(start, Diffusion(spec.diffusion).q_sample(*first), first[1])
+    train(spec, tmp_path, progress=False)
+    end = build_model(spec)
+    end.load_state_dict(load_checkpoint(tmp_path / "state.ckpt")["model"])
+    for m in (start, end):
+        apply_schedule_(m, spec.binarize, spec.train.steps, spec.train.steps)  # same structure for both
+    batch = make_batch(images, spec, 10_000, DistEnv())  # a batch not used in training
+    before, after = _eval_loss(spec, start, tmodel, batch), _eval_loss(spec, end, tmodel, batch)
+    assert after < 0.9 * before, (method, abits, before, after)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 20 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if method == "binarydm":
+        assert "loss_lrm" in rows[0] and "loss_ebb" in rows[0]
+    if method == "bidm":
+        assert "loss_spd" in rows[0]
+
+
+def test_qat_resume_is_exact_across_ebb_switch_and_progressive(tmp_path, teacher):
+    extra = ["binarize.ebb_stage2_step=3", "binarize.progressive_every=1", "train.ckpt_every=3"]
+    train(_qat_spec(teacher, "binarydm", 4, 6, *extra), tmp_path / "ref", progress=False)
+    train(_qat_spec(teacher, "binarydm", 4, 3, *extra), tmp_path / "run", progress=False)
+    s3 = load_checkpoint(tmp_path / "run" / "state.ckpt")
+    train(_qat_spec(teacher, "binarydm", 4, 6, *extra), tmp_path / "run", progress=False)
+    ref = [r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
+    got = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert got == pytest.approx(ref, rel=1e-6)
+    s6 = load_checkpoint(tmp_path / "run" / "state.ckpt")
+    # LRM projections are computed on the first batch and never change (and survive the resume).
+    assert s3["distill"]["sites"] == s6["distill"]["sites"]
+    for a, b in zip(s3["distill"]["proj"], s6["distill"]["proj"]):
+        assert torch.equal(a, b)
+    spec = _qat_spec(teacher, "binarydm", 4, 6, *extra)
+    student, tmodel = build_student(spec)
+    images = torch.from_numpy(__import__("bdmtool.trainer.data", fromlist=["x"]).load_images(spec.data))
+    x0, t, noise = make_batch(images, spec, 0, DistEnv())
+    feats = {}
+    hooks = [tmodel.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: feats.__setitem__(n, o))
+             for n in feature_sites(tmodel)]
+    with torch.no_grad():
+        tmodel(Diffusion(spec.diffusion).q_sample(x0, t, noise), t)
+    for h in hooks:
+        h.remove()
+    expect = lrm_fit(feats, 4, "channel")
+    assert list(expect) == s6["distill"]["sites"]
+    for e, p in zip(expect.values(), s6["distill"]["proj"]):
+        assert torch.allclose(e, p, atol=1e-6)
+    assert all(not bool(v) for k, v in s6["model"].items() if k.endswith("second_basis"))  # stage 2 reached
+
+
+def test_binarized_checkpoint_samples_deterministically(tmp_path, teacher):
+    train(_qat_spec(teacher, "bidm", 1, 2), tmp_path / "bidm", progress=False)
+    opts = SampleOptions(n=3, steps=4, seed=7)
+    sample_checkpoint(tmp_path / "bidm" / "model.ckpt", tmp_path / "a", opts, progress=False)
+    sample_checkpoint(tmp_path / "bidm" / "model.ckpt", tmp_path / "b", opts, progress=False)
+    import numpy as np
+
+    a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
+    assert a.shape == (3, 32, 32, 1) and (a == b).all()  # the timestep cache is reset for every run
+
+
+def test_teacher_must_be_full_precision_and_match(tmp_path, teacher):
+    train(_qat_spec(teacher, "xnor", 1, 1), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="itself binarized"):
+        train(_qat_spec(str(tmp_path / "x" / "model.ckpt"), "bidm", 1, 1), tmp_path / "y", progress=False)
+    from bdmtool.trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs --teacher"):
+        build_train_spec(method="bidm")
