@@ -156,6 +156,9 @@ class BinaryConv2d(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.step is not None:
+            if self.cfg.lsq_step == "per_batch":  # official BinaryDM: step = 2 mean|x| / sqrt(Qp) of this batch
+                qp = 2 ** (self.cfg.abits - 1) - 1
+                return self.act_fn(x, (2.0 * x.abs().mean() / math.sqrt(qp)).detach(), self.cfg.abits)
             return self.act_fn(x, self.step, self.cfg.abits)
         if self.threshold is not None:
             return self.act_fn(x, self.threshold)

@@ -169,6 +169,7 @@ class BinarizeConfig(Config):
     cache_buckets: int = 100  # learnable alpha per timestep bucket t // (T / buckets)
     cache_delta: int = 20  # training draws the cache at t + delta (= the sampler's stride)
     reste_o_end: float = 3.0  # ReSTE annealing o: 1 -> o_end over training
+    lsq_step: Literal["learned", "per_batch"] = "learned"  # per_batch: the official code's re-init every forward
 
     def validate(self) -> None:
         check(self.wbits == 1, f"binarize.wbits must be 1 (binary weights), got {self.wbits}")

@@ -1,0 +1,80 @@
+"""QAT training-step time per method, relative to an FP training step of the same U-Net and batch.
+
+    python benchmarks/qat_step.py [--preset tiny] [--batch 32] [--repeats 5] [--methods binarydm,bidm,...]
+
+Each row times the full step the trainer runs (schedule, TBS cache pass, student forward, teacher forward
+and distillation terms, backward, AdamW) with median over ``--repeats`` after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bdmtool.trainer.checkpoint import atomic_save, make_checkpoint
+from bdmtool.trainer.diffusion import Diffusion
+from bdmtool.trainer.objective import TrainingObjective
+from bdmtool.trainer.spec import METHODS, TrainSpec, UNetConfig, build_train_spec
+from bdmtool.trainer.train import build_student
+
+
+def _time_steps(spec: TrainSpec, batch: int, repeats: int) -> float:
+    model, teacher = build_student(spec)
+    diffusion = Diffusion(spec.diffusion)
+    objective = TrainingObjective(spec, diffusion, model, teacher)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    c, r = spec.unet.in_channels, spec.unet.resolution
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(batch, c, r, r, generator=g) * 2 - 1, torch.randn(batch, c, r, r, generator=g)
+    t = torch.randint(0, spec.diffusion.timesteps - 1, (batch,), generator=g)
+    objective.prepare(x0, t, noise)
+
+    def step(i: int) -> None:
+        loss = objective(model, x0, t, noise, i)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(10**6)  # warm-up with every schedule stage switched on (all layers binary)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(10**6)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    from bdmtool.trainer.unet import UNet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = Path(tmp) / "teacher.ckpt"
+        fp_spec = build_train_spec(a.preset, "mnist5k" if UNetConfig.from_name(a.preset).in_channels == 1 else "digits")
+        atomic_save(make_checkpoint(fp_spec, 0, UNet(fp_spec.unet).state_dict()), teacher)
+        fp = _time_steps(fp_spec, a.batch, a.repeats)  # the same loop, no binarization
+        rows = []
+        for m in a.methods.split(","):
+            spec = build_train_spec(method=m, teacher=str(teacher))
+            rows.append((m, spec.binarize.abits, _time_steps(spec, a.batch, a.repeats)))
+    print(f"\npreset {a.preset}, batch {a.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| method | W/A bits | step (s) | QAT / FP |")
+    print("|---|---|---:|---:|")
+    print(f"| fp | 32/32 | {fp:.3f} | 1.00 |")
+    for m, abits, s in rows:
+        print(f"| {m} | 1/{abits} | {s:.3f} | {s / fp:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
