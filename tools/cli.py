@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def train(preset, data, method, wbits, abits, teacher, steps, out, overrides, no
     spec = build_train_spec(preset, data, steps, overrides, method=method,
                             abits=None if abits is None else int(abits), teacher=teacher)
     path = run(spec, out, resume=not no_resume)
-    click.echo(f"wrote {path}")
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"wrote {path}")
 
 
 @cli.command()

@@ -126,6 +126,8 @@ def spd_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
     ``code`` (default, BiDM official ``r2b_loss``): G = per-channel row Gram P P^T normalised by the
     Frobenius norm of the whole [B, C, h, h] tensor; the norm is over the whole batch, not squared.
     ``paper``: G = per-sample spatial attention of the flattened patch, normalised per sample.
+    Under DDP the ``code`` variant's norm covers each process's share of the batch, so the term differs
+    slightly from a single-process run with the same global batch (the ``paper`` variant does not).
     """
     gram = _gram_code if variant == "code" else _gram_paper
     terms = []

@@ -187,6 +187,11 @@ class BinarizeConfig(Config):
         check(self.progressive_every >= 1, "binarize.progressive_every must be >= 1")
         check(self.cache_buckets >= 1 and self.cache_delta >= 1, "binarize.cache_buckets/cache_delta must be >= 1")
 
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """True when some parameters get no gradient in some steps (DDP must then look for them)."""
+        return self.progressive != "none" or self.ebb_stage2_step >= 0 or self.lsq_step == "per_batch"
+
     @classmethod
     def from_method(cls, method: str, abits: int | None = None) -> "BinarizeConfig":
         if method not in METHODS:

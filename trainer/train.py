@@ -159,8 +159,8 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
             out.mkdir(parents=True, exist_ok=True)
             (out / "spec.json").write_text(spec.to_json())
         log = MetricsLog(out / METRICS_FILE, resume_step=start) if env.is_main else None
-        net = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=spec.binarize is not None)
-               if env.world > 1 else model)
+        unused = spec.binarize is not None and spec.binarize.may_leave_parameters_unused
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if env.world > 1 else model
         kind = "fp" if spec.binarize is None else "binary"
 
         def save(step: int) -> None:
