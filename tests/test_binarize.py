@@ -200,3 +200,15 @@ def test_invalid_configs_name_the_key():
         BinarizeConfig.from_method("xnor-net")
     with pytest.raises(ValueError, match="matches no module"):
         binarize_(_model(), BinarizeConfig.from_method("bidm").replace(timestep_cache=("nope.*",)))
+
+
+def test_lsq_per_batch_mode_reproduces_the_official_reinit():
+    cfg = BinarizeConfig.from_method("baseline", abits=8).replace(lsq_step="per_batch")
+    layer, conv = _layer(cfg)
+    x = torch.randn(2, 8, 6, 6) * 3
+    s = 2 * x.abs().mean() / (127 ** 0.5)
+    xq = torch.round(torch.clamp(x / s, -128, 127)) * s
+    assert torch.allclose(layer(x), F.conv2d(xq, layer.sigma1 * sign(conv.weight), conv.bias, padding=1), atol=1e-5)
+    with torch.no_grad():
+        layer.step.fill_(123.0)  # the learned step is ignored in this mode
+    assert torch.allclose(layer(x), F.conv2d(xq, layer.sigma1 * sign(conv.weight), conv.bias, padding=1), atol=1e-5)
