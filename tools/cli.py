@@ -107,12 +107,14 @@ def import_(src, out, resolution, dropout):
 @click.option("--n", type=int, default=64, show_default=True, help="Samples per model.")
 @click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--qat-steps", type=int, default=200, show_default=True, help="QAT steps per binarized model (the budget).")
+@click.option("--qat-batch", type=int, default=32, show_default=True)
 @_friendly
-def demo(out, n, steps, seed):
+def demo(out, n, steps, seed, qat_steps, qat_batch):
     """Run the whole product on the embedded default model and write OUT/report.md (stages are reused)."""
     from bdmtool.tools.demo import run_demo
 
-    run_demo(out, n_samples=n, steps=steps, seed=seed, log=click.echo)
+    run_demo(out, n_samples=n, steps=steps, seed=seed, qat_steps=qat_steps, qat_batch=qat_batch, log=click.echo)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,99 @@
+"""Keras/Larq twins of ``trainer.binarize.BinaryConv2d``, built so LCE turns each into one ``LceBconv2d``.
+
+W1A1 (this module's ``binary_conv``)::
+
+    x --(+ threshold)--> QuantConv2D(input_quantizer=ste_sign, kernel_quantizer=ste_sign,
+                                      padding=same with pad_values=1 | valid, no bias)
+      --> * scale1[o]            (constant: fused into the bconv's post-activation multiplier)
+      --> * K(mean_c|x|)         (XNOR/TBS: float conv on the channel mean, then a float MUL)
+      --> * Gamma, + bias, RPReLU, + gamma * shortcut(x)   (float ops after the bconv)
+
+Nothing sits between the sign and the convolution (LCE would silently fall back to float otherwise);
+the threshold add comes before the sign. The kernel holds sign(W) (+-1); larq's ``ste_sign`` maps 0 to +1
+exactly as the PyTorch side does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import bdmtool  # noqa: F401
+import larq as lq
+import tensorflow as tf
+
+from .keras_unet import UNetBuilder, keras_name
+
+keras = tf.keras
+
+
+class NotExportableError(ValueError):
+    """A layer marked binary cannot be expressed as an LCE binary convolution; says which and why."""
+
+
+def _const_op(fn, name: str):
+    return keras.layers.Lambda(fn, name=name)
+
+
+def binary_conv(builder: UNetBuilder, rec: dict, x):
+    """Build the W1A1 binary layer described by the bundle record ``rec`` on input ``x`` (NHWC)."""
+    name, w = rec["name"], builder.w
+    if rec["abits"] != 1:
+        raise NotExportableError(f"{name}: {rec['abits']}-bit activations need the bit-plane exporter")
+    if rec["act"] not in ("ste_sign", "approx_sign", "rsign", "reste"):
+        raise NotExportableError(f"{name}: activation quantizer {rec['act']!r} has no LCE binary form "
+                                 "(it is not a +-1 sign; e.g. DoReFa's {0,1} falls back to float ops)")
+    if rec["two_bases"]:
+        raise NotExportableError(f"{name}: EBB's second basis is still active; finish stage 2 before a W1A1 export")
+    kn = keras_name(name)
+    k, s, p = rec["kernel"], rec["stride"], rec["padding"]
+    cout = rec["out_channels"]
+    h = x
+    if rec["threshold"]:
+        thr = w.get(f"{name}.threshold").reshape(-1).astype(np.float32)
+        h = _const_op(lambda v, c=thr: v + c, f"{kn}__threshold")(h)
+    conv = lq.layers.QuantConv2D(cout, k, strides=s, padding="same" if p else "valid",
+                                 pad_values=1.0 if p else 0.0, input_quantizer="ste_sign",
+                                 kernel_quantizer="ste_sign", kernel_constraint=None, use_bias=False, name=kn)
+    if p and p != (k - 1) // 2:
+        raise NotExportableError(f"{name}: padding {p} with kernel {k} is not 'same'")
+    y = conv(h)
+    conv.set_weights([w.get(f"{name}.sign1").astype(np.float32).transpose(2, 3, 1, 0)])
+    scale = w.get(f"{name}.scale1", (cout,)).astype(np.float32)
+    y = _const_op(lambda v, c=scale: v * c, f"{kn}__scale")(y)
+    if rec["act_scale"] != "none":
+        a = _const_op(lambda v: tf.reduce_mean(tf.abs(v), axis=-1, keepdims=True), f"{kn}__absmean")(x)
+        kconv = keras.layers.Conv2D(1, k, strides=s, padding="same" if p else "valid",
+                                    use_bias=w.has(f"{name}.k_conv.bias"), name=f"{kn}__k_conv")
+        kmap = kconv(a)
+        kw = [w.get(f"{name}.k_conv.weight").transpose(2, 3, 1, 0)]
+        if w.has(f"{name}.k_conv.bias"):
+            kw.append(w.get(f"{name}.k_conv.bias"))
+        kconv.set_weights(kw)
+        y = keras.layers.Multiply(name=f"{kn}__kmul")([y, kmap])
+    if rec["output_scale"]:
+        gamma = (w.get(f"{name}.gamma_o") * w.get(f"{name}.gamma_h") * w.get(f"{name}.gamma_w"))
+        gamma = gamma.transpose(0, 2, 3, 1).astype(np.float32)  # NCHW -> NHWC
+        y = _const_op(lambda v, c=gamma: v * c, f"{kn}__gamma")(y)
+    if rec["bias"]:
+        bias = w.get(f"{name}.bias", (cout,)).astype(np.float32)
+        y = _const_op(lambda v, c=bias: v + c, f"{kn}__bias")(y)
+    if rec["post"] == "rprelu":
+        si = w.get(f"{name}.post.shift_in").reshape(-1)
+        so = w.get(f"{name}.post.shift_out").reshape(-1)
+        al = w.get(f"{name}.post.prelu.weight").reshape(-1)
+        y = _const_op(lambda v, a=si, b=al, c=so: tf.where(v + a >= 0, v + a, b * (v + a)) + c, f"{kn}__rprelu")(y)
+    if rec["shortcut"] != "none":
+        sc = keras.layers.AveragePooling2D(s, name=f"{kn}__sc_pool")(x) if s > 1 else x
+        if rec["shortcut_conv"]:
+            scc = keras.layers.Conv2D(cout, 1, name=f"{kn}__sc_conv")
+            sc = scc(sc)
+            scc.set_weights([w.get(f"{name}.shortcut_conv.weight").transpose(2, 3, 1, 0),
+                             w.get(f"{name}.shortcut_conv.bias")])
+        oh, ow = y.shape[1], y.shape[2]
+        if sc.shape[1] != oh or sc.shape[2] != ow:
+            sc = keras.layers.Cropping2D(((0, sc.shape[1] - oh), (0, sc.shape[2] - ow)))(sc)
+        if rec["shortcut"] == "bidm":
+            gamma = float(w.get(f"{name}.shortcut_scale"))
+            sc = _const_op(lambda v, g=gamma: v * g, f"{kn}__sc_scale")(sc)
+        y = keras.layers.Add(name=f"{kn}__sc_add")([y, sc])
+    return y

@@ -1,0 +1,170 @@
+"""Keras (tf-keras 2) rebuild of bdmtool's U-Net from a bundle, NHWC, batch 1, static shapes.
+
+Inputs: ``x`` [1, H, W, C] float32 in [-1, 1] (NHWC) and ``t`` [1, 1] float32 (the integer timestep as a
+float). Output: ``eps`` [1, H, W, C_out]. The sinusoidal timestep features are computed in the graph.
+
+Layer names are the PyTorch module names with ``.`` replaced by ``__`` so every TFLite tensor maps back
+to its U-Net layer (``keras_name`` / ``torch_name``). Float layers take PyTorch weights transposed
+OIHW -> HWIO. Binary layers are built by ``binary_conv`` (``exporter.binary_layers``), given the layer's
+bundle record and deployable weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+import bdmtool  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+keras = tf.keras
+
+
+def keras_name(torch_name: str) -> str:
+    return torch_name.replace(".", "__")
+
+
+def torch_name(k_name: str) -> str:
+    return k_name.replace("__", ".")
+
+
+class Weights:
+    """PyTorch-named numpy arrays with shape checks on every read (a bad mapping fails loudly)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.used: set[str] = set()
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        if key not in self.arrays:
+            raise KeyError(f"bundle has no tensor {key!r}; was it written from the same checkpoint?")
+        a = self.arrays[key]
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise ValueError(f"bundle tensor {key} has shape {a.shape}, the Keras layer needs {shape}")
+        self.used.add(key)
+        return a
+
+    def has(self, key: str) -> bool:
+        return key in self.arrays
+
+
+def float_conv(w: Weights, name: str, x, k: int, stride: int = 1, padding: str = "same"):
+    kernel = w.get(f"{name}.weight")
+    cout = kernel.shape[0]
+    layer = keras.layers.Conv2D(cout, k, strides=stride, padding=padding, name=keras_name(name))
+    y = layer(x)
+    layer.set_weights([kernel.transpose(2, 3, 1, 0), w.get(f"{name}.bias", (cout,))])
+    return y
+
+
+def float_dense(w: Weights, name: str, x):
+    kernel = w.get(f"{name}.weight")
+    layer = keras.layers.Dense(kernel.shape[0], name=keras_name(name))
+    y = layer(x)
+    layer.set_weights([kernel.T, w.get(f"{name}.bias", (kernel.shape[0],))])
+    return y
+
+
+def group_norm(w: Weights, name: str, x, groups: int, eps: float):
+    ch = x.shape[-1]
+    layer = keras.layers.GroupNormalization(groups=groups, epsilon=eps, name=keras_name(name))
+    y = layer(x)
+    layer.set_weights([w.get(f"{name}.weight", (ch,)), w.get(f"{name}.bias", (ch,))])
+    return y
+
+
+def silu(x):
+    return keras.layers.Activation(tf.nn.silu)(x)
+
+
+ConvFactory = Callable[..., object]
+
+
+class UNetBuilder:
+    """Builds the functional model; ``conv(name, x, k, stride, padding)`` dispatches float vs binary."""
+
+    def __init__(self, meta: dict, weights: Weights, binary_conv: ConvFactory | None = None):
+        self.meta, self.w = meta, weights
+        self.u = meta["spec"]["unet"]
+        self.binary = {r["name"]: r for r in meta.get("binary_layers", []) if r["active"]}
+        self.binary_conv = binary_conv
+        if self.binary and binary_conv is None:
+            raise ValueError("this bundle has binary layers; build it with a binary_conv factory")
+
+    def conv(self, name: str, x, k: int, stride: int = 1, padding: str = "same"):
+        if name in self.binary:
+            return self.binary_conv(self, self.binary[name], x)
+        return float_conv(self.w, name, x, k, stride, padding)
+
+    def linear(self, name: str, x):
+        """A Linear on [1, C]: binary layers run as a 1x1 conv on [1, 1, 1, C] (LCE never binarizes Dense)."""
+        if name in self.binary:
+            y = self.binary_conv(self, self.binary[name], keras.layers.Reshape((1, 1, x.shape[-1]))(x))
+            return keras.layers.Reshape((y.shape[-1],))(y)
+        return float_dense(self.w, name, x)
+
+    def norm(self, name: str, x):
+        return group_norm(self.w, name, x, self.u["num_groups"], self.u["norm_eps"])
+
+    def resblock(self, name: str, x, temb):
+        h = self.conv(f"{name}.conv1", silu(self.norm(f"{name}.norm1", x)), 3)
+        proj = self.linear(f"{name}.temb_proj", silu(temb))
+        h = keras.layers.Add()([h, keras.layers.Reshape((1, 1, proj.shape[-1]))(proj)])
+        h = self.conv(f"{name}.conv2", silu(self.norm(f"{name}.norm2", h)), 3)
+        sc = self.conv(f"{name}.nin_shortcut", x, 1) if self.w.has(f"{name}.nin_shortcut.weight") else x
+        return keras.layers.Add()([sc, h])
+
+    def attn(self, name: str, x):
+        _, hh, ww, c = x.shape
+        h = self.norm(f"{name}.norm", x)
+        q, k, v = (keras.layers.Reshape((hh * ww, c))(self.conv(f"{name}.{p}", h, 1)) for p in ("q", "k", "v"))
+        scores = keras.layers.Lambda(lambda qk: tf.matmul(qk[0], qk[1], transpose_b=True) * (c ** -0.5))([q, k])
+        probs = keras.layers.Softmax(axis=-1)(scores)
+        o = keras.layers.Lambda(lambda pv: tf.matmul(pv[0], pv[1]))([probs, v])
+        o = self.conv(f"{name}.proj_out", keras.layers.Reshape((hh, ww, c))(o), 1)
+        return keras.layers.Add()([x, o])
+
+    def timestep_embedding(self, t):
+        ch = self.u["ch"]
+        half = ch // 2
+        freqs = np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / (half - 1)).astype(np.float32)
+        args = keras.layers.Lambda(lambda v: v * tf.constant(freqs[None]))(t)  # [1, half]
+        emb = keras.layers.Concatenate()([keras.layers.Lambda(tf.sin)(args), keras.layers.Lambda(tf.cos)(args)])
+        return float_dense(self.w, "temb.dense.1", silu(float_dense(self.w, "temb.dense.0", emb)))
+
+    def build(self, name: str = "bdmtool_unet") -> "keras.Model":
+        u = self.u
+        res, cin = u["resolution"], u["in_channels"]
+        x_in = keras.Input((res, res, cin), batch_size=1, name="x")
+        t_in = keras.Input((1,), batch_size=1, name="t")
+        temb = self.timestep_embedding(t_in)
+        hs = [float_conv(self.w, "conv_in", x_in, 3) if "conv_in" not in self.binary else self.conv("conv_in", x_in, 3)]
+        levels, nrb = len(u["ch_mult"]), u["num_res_blocks"]
+        cur = res
+        for i in range(levels):
+            for j in range(nrb):
+                h = self.resblock(f"down.{i}.block.{j}", hs[-1], temb)
+                if cur in u["attn_resolutions"]:
+                    h = self.attn(f"down.{i}.attn.{j}", h)
+                hs.append(h)
+            if i != levels - 1:
+                padded = keras.layers.ZeroPadding2D(((0, 1), (0, 1)))(hs[-1])
+                hs.append(self.conv(f"down.{i}.downsample.conv", padded, 3, stride=2, padding="valid"))
+                cur //= 2
+        h = self.resblock("mid.block_1", hs[-1], temb)
+        h = self.attn("mid.attn_1", h)
+        h = self.resblock("mid.block_2", h, temb)
+        for i in reversed(range(levels)):
+            for j in range(nrb + 1):
+                h = self.resblock(f"up.{i}.block.{j}", keras.layers.Concatenate()([h, hs.pop()]), temb)
+                if cur in u["attn_resolutions"]:
+                    h = self.attn(f"up.{i}.attn.{j}", h)
+            if i != 0:
+                h = self.conv(f"up.{i}.upsample.conv", keras.layers.UpSampling2D(2, interpolation="nearest")(h), 3)
+                cur *= 2
+        h = silu(self.norm("norm_out", h))
+        out = self.conv("conv_out", h, 3)
+        out = keras.layers.Activation("linear", name="eps")(out)
+        return keras.Model([x_in, t_in], out, name=name)

@@ -1,0 +1,93 @@
+"""The hand-off from PyTorch to the exporter: a folder the TensorFlow side reads without torch.
+
+``write_bundle(ckpt, out)`` writes
+
+- ``spec.json``: the checkpoint's TrainSpec, its sha256, and one record per binarized layer
+  (name, kernel/stride/padding, activation bits and quantizer, which parameters exist);
+- ``weights.npz``: every float tensor of the (EMA) state dict under its PyTorch name, plus for each binary
+  layer the *deployable* weights ``<name>.sign1`` (int8 +-1) and ``<name>.scale1`` [C_out] (and
+  ``sign2``/``scale2`` while EBB keeps its second basis);
+- ``reference_io.npz``: inputs ``x`` [N, C, H, W], ``t`` [N] and the PyTorch outputs ``eps`` that each
+  export stage is checked against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .binarize import BinaryConv2d, binary_layers, reset_state
+from .quantizers import sign
+
+BUNDLE_VERSION = 1
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _layer_record(m: BinaryConv2d) -> dict:
+    return {"name": m.name, "linear": m.is_linear, "in_channels": m.in_channels, "out_channels": m.out_channels,
+            "kernel": m.kernel_size, "stride": m.stride, "padding": m.padding, "abits": m.cfg.abits,
+            "act": m.cfg.act, "weight": m.weight_fn.registry_name, "active": bool(m.active),
+            "two_bases": m.sigma2 is not None and bool(m.second_basis), "bias": m.bias is not None,
+            "threshold": m.threshold is not None, "lsq_step": m.step is not None,
+            "lsq_mode": m.cfg.lsq_step, "act_scale": m.cfg.act_scale if m.k_conv is not None else "none",
+            "output_scale": m.gamma_o is not None, "post": m.cfg.post if m.post is not None else "none",
+            "shortcut": m.shortcut_kind, "shortcut_conv": m.shortcut_conv is not None}
+
+
+@torch.no_grad()
+def _deployable(m: BinaryConv2d) -> dict[str, np.ndarray]:
+    """sign/scale of the binary weights: w_b = scale1[o] * sign1 (+ scale2[o] * sign2)."""
+    w = m.weight4d()
+    out = {}
+    if m.weight_fn.registry_name == "ebb" or m.sigma1 is not None:
+        s1 = m.sigma1.reshape(-1)
+        b1 = sign(w)
+        out["sign1"], out["scale1"] = b1, s1
+        if m.sigma2 is not None and bool(m.second_basis):
+            out["sign2"], out["scale2"] = sign(w - m.sigma1 * b1), m.sigma2.reshape(-1)
+    else:
+        wb = m.binary_weight()
+        mag = wb.abs().amax(dim=(1, 2, 3))
+        out["sign1"], out["scale1"] = sign(wb), mag
+    return {k: (v.to(torch.int8) if k.startswith("sign") else v.float()).cpu().numpy() for k, v in out.items()}
+
+
+@torch.no_grad()
+def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref: int = 2, seed: int = 0,
+                 use_ema: bool = True) -> Path:
+    from .train import load_model
+
+    model, spec, ckpt = load_model(ckpt_path, use_ema=use_ema)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = binary_layers(model)
+    cache = getattr(model, "tbs_cache", None)
+    meta = {"bundle_version": BUNDLE_VERSION, "spec": spec.to_dict(), "kind": ckpt.get("kind", "fp"),
+            "step": ckpt["step"], "source_checkpoint": str(ckpt_path), "source_sha256": file_sha256(ckpt_path),
+            "binary_layers": [_layer_record(m) for m in layers],
+            "timestep_cache": None if cache is None else {"sites": cache.sites, "buckets": cache.buckets}}
+    (out / "spec.json").write_text(json.dumps(meta, indent=2))
+    arrays = {k: v.float().cpu().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+    for m in layers:
+        arrays.update({f"{m.name}.{k}": v for k, v in _deployable(m).items()})
+    np.savez(out / "weights.npz", **arrays)
+    g = torch.Generator().manual_seed(seed)
+    u = spec.unet
+    x = torch.randn(n_ref, u.in_channels, u.resolution, u.resolution, generator=g)
+    t = torch.linspace(spec.diffusion.timesteps - 1, 0, n_ref).round()
+    reset_state(model)
+    eps = model(x, t)
+    np.savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy())
+    return out
