@@ -118,3 +118,18 @@ def test_sampler_misuse_errors():
         make_sampler("euler", D)
     with pytest.raises(ValueError, match="eta must be"):
         DDIMSampler(D, eta=-1)
+
+
+def test_clip_x0_clamps_the_prediction_and_is_off_by_default():
+    s = DDIMSampler(D, eta=0.0)
+    c = DDIMSampler(D, eta=0.0, clip_x0=True)
+    for smp in (s, c):
+        smp.set_timesteps(10)
+    x = torch.full((1, 2), 3.0)
+    eps = torch.zeros(1, 2)  # predicted x0 = x / sqrt(a) >> 1
+    a, a_prev = float(D.alphas_cumprod[900]), float(D.alphas_cumprod[800])
+    assert s.timesteps[0] == 900 and not s.clip_x0
+    assert torch.allclose(s.step(eps, 0, x, None), a_prev**0.5 * x / a**0.5)
+    x0 = torch.ones(1, 2)
+    eps_c = (x - a**0.5 * x0) / (1 - a) ** 0.5
+    assert torch.allclose(c.step(eps, 0, x, None), a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps_c)

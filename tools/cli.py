@@ -79,12 +79,14 @@ def train(preset, data, method, wbits, abits, teacher, steps, out, overrides, no
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
+@click.option("--clip-x0", is_flag=True, help="Clamp the predicted x0 to [-1, 1] each step (diffusers' clip_sample).")
 @_friendly
-def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema):
+def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema, clip_x0):
     """Sample images from CKPT (default: the embedded tiny MNIST model); writes a grid PNG and an .npz."""
     from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
 
-    opts = SampleOptions(n=n, steps=steps, eta=eta, sampler=sampler, skip=skip, seed=seed, batch_size=batch_size)
+    opts = SampleOptions(n=n, steps=steps, eta=eta, sampler=sampler, skip=skip, seed=seed, batch_size=batch_size,
+                         clip_x0=clip_x0)
     png, npz = sample_checkpoint(ckpt, out, opts, use_ema=not no_ema)
     click.echo(f"wrote {png} and {npz}")
 

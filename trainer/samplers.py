@@ -82,13 +82,13 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, diffusion: Diffusion, eta: float = 0.0, skip: str = "uniform"):
+    def __init__(self, diffusion: Diffusion, eta: float = 0.0, skip: str = "uniform", clip_x0: bool = False):
         super().__init__(diffusion)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if skip not in SKIP_TYPES:
             raise ValueError(f"unknown timestep skip {skip!r}; choose from {list(SKIP_TYPES)}")
-        self.eta, self.skip = eta, skip
+        self.eta, self.skip, self.clip_x0 = eta, skip, clip_x0
 
     def set_timesteps(self, n: int) -> None:
         self._timesteps = ddim_timesteps(self.diffusion.num_timesteps, n, self.skip)[::-1]
@@ -96,6 +96,9 @@ class DDIMSampler(Sampler):
     def step(self, eps, i, x, generator):
         a, a_prev = float(self.abar[self.timesteps[i]]), self._prev_abar(i)
         x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        if self.clip_x0:  # diffusers' clip_sample: clamp x0 and re-derive eps from it
+            x0 = x0.clamp(-1, 1)
+            eps = (x - a**0.5 * x0) / (1 - a) ** 0.5
         sigma = self.eta * ((1 - a / a_prev) * (1 - a_prev) / (1 - a)) ** 0.5
         out = a_prev ** 0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
@@ -167,12 +170,13 @@ class DiffusersSampler(Sampler):
 SAMPLERS = ("ddim", "ddpm", "plms", "dpmsolver")
 
 
-def make_sampler(name: str, diffusion: Diffusion, eta: float = 0.0, skip: str = "uniform") -> Sampler:
-    """Build a sampler by name: ``ddim`` (eta, skip), ``ddpm`` (skip), ``plms``, ``dpmsolver``."""
+def make_sampler(name: str, diffusion: Diffusion, eta: float = 0.0, skip: str = "uniform",
+                 clip_x0: bool = False) -> Sampler:
+    """Build a sampler by name: ``ddim`` (eta, skip, clip_x0), ``ddpm`` (skip, clip_x0), ``plms``, ``dpmsolver``."""
     if name == "ddim":
-        return DDIMSampler(diffusion, eta=eta, skip=skip)
+        return DDIMSampler(diffusion, eta=eta, skip=skip, clip_x0=clip_x0)
     if name == "ddpm":
-        return DDPMSampler(diffusion, skip=skip)
+        return DDPMSampler(diffusion, skip=skip, clip_x0=clip_x0)
     if name in ("plms", "dpmsolver"):
         return DiffusersSampler(diffusion, name)
     raise ValueError(f"unknown sampler {name!r}; choose from {list(SAMPLERS)}")

@@ -26,6 +26,7 @@ class SampleOptions:
     skip: str = "uniform"
     seed: int = 0
     batch_size: int = 64
+    clip_x0: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1:
@@ -41,7 +42,7 @@ def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch
 def generate(eps_model: torch.nn.Module, diffusion: Diffusion, shape: tuple[int, int, int],
              opts: SampleOptions, progress: bool = True) -> np.ndarray:
     """Sample ``opts.n`` images with a PyTorch epsilon model; returns uint8 NHWC."""
-    sampler = make_sampler(opts.sampler, diffusion, eta=opts.eta, skip=opts.skip)
+    sampler = make_sampler(opts.sampler, diffusion, eta=opts.eta, skip=opts.skip, clip_x0=opts.clip_x0)
     sampler.set_timesteps(opts.steps)
     x_T, g = initial_noise(opts.n, shape, opts.seed)
     out = []
