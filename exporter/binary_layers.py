@@ -37,6 +37,8 @@ def _const_op(fn, name: str):
 def binary_conv(builder: UNetBuilder, rec: dict, x):
     """Build the W1A1 binary layer described by the bundle record ``rec`` on input ``x`` (NHWC)."""
     name, w = rec["name"], builder.w
+    if rec["abits"] == 32:  # W1A32: LCE has no binary-weight / float-activation kernel
+        return _float_binary_weight_conv(builder, rec, x)
     if rec["abits"] != 1:
         raise NotExportableError(f"{name}: {rec['abits']}-bit activations need the bit-plane exporter")
     if rec["act"] not in ("ste_sign", "approx_sign", "rsign", "reste"):
@@ -96,4 +98,18 @@ def binary_conv(builder: UNetBuilder, rec: dict, x):
             gamma = float(w.get(f"{name}.shortcut_scale"))
             sc = _const_op(lambda v, g=gamma: v * g, f"{kn}__sc_scale")(sc)
         y = keras.layers.Add(name=f"{kn}__sc_add")([y, sc])
+    return y
+
+
+def _float_binary_weight_conv(builder: UNetBuilder, rec: dict, x):
+    """W1A32 runs as a float CONV_2D whose kernel holds the binary weights (+-scale per output channel)."""
+    name, w = rec["name"], builder.w
+    kernel = w.get(f"{name}.sign1").astype(np.float32) * w.get(f"{name}.scale1")[:, None, None, None]
+    if w.has(f"{name}.sign2"):
+        kernel = kernel + w.get(f"{name}.sign2").astype(np.float32) * w.get(f"{name}.scale2")[:, None, None, None]
+    k, s, p = rec["kernel"], rec["stride"], rec["padding"]
+    layer = keras.layers.Conv2D(rec["out_channels"], k, strides=s, padding="same" if p else "valid",
+                                use_bias=rec["bias"], name=keras_name(name))
+    y = layer(x)
+    layer.set_weights([kernel.transpose(2, 3, 1, 0)] + ([w.get(f"{name}.bias")] if rec["bias"] else []))
     return y

@@ -166,6 +166,30 @@ class BinaryConv2d(nn.Module):
             return self.act_fn(x, o=self.reste_o)
         return self.act_fn(x)
 
+    @torch.no_grad()
+    def decision_margin(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample distance of the input to the quantizer's nearest decision boundary ([B]).
+
+        1-bit: |x + threshold| (the sign's boundary is 0); LSQ: distance of x/step to the nearest
+        rounding boundary k + 0.5 (inside the clamp range), times step. Two implementations whose float
+        results differ by less than this margin quantize identically. Exact zeros are skipped: they come
+        from explicit padding (the Downsample's border) and every implementation reproduces them exactly.
+        """
+        if not bool(self.active) or self.cfg.abits == 32:
+            return torch.full((x.shape[0],), float("inf"))
+        if self.is_linear:
+            x = x[:, :, None, None]
+        if self.step is not None:
+            s = self.step if self.cfg.lsq_step == "learned" else 2.0 * x.abs().mean() / math.sqrt(2 ** (self.cfg.abits - 1) - 1)
+            v = x / s
+            qn, qp = -(2 ** (self.cfg.abits - 1)), 2 ** (self.cfg.abits - 1) - 1
+            inside = (v > qn - 0.5) & (v < qp + 0.5)
+            d = ((v - torch.floor(v) - 0.5).abs() * s).where(inside, torch.full_like(v, float("inf")))
+        else:
+            d = (x + self.threshold if self.threshold is not None else x).abs()
+        d = d.where(x != 0, torch.full_like(d, float("inf")))
+        return d.flatten(1).min(dim=1).values
+
     def _conv(self, x: torch.Tensor, w: torch.Tensor, pad_value: float) -> torch.Tensor:
         if self.padding and pad_value != 0.0:
             x = F.pad(x, (self.padding,) * 4, value=pad_value)

@@ -65,8 +65,8 @@ def _deployable(m: BinaryConv2d) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref: int = 2, seed: int = 0,
-                 use_ema: bool = True) -> Path:
+def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref: int = 3, seed: int = 0,
+                 use_ema: bool = True, min_margin: float = 3e-6) -> Path:
     from .train import load_model
 
     model, spec, ckpt = load_model(ckpt_path, use_ema=use_ema)
@@ -83,11 +83,44 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
     for m in layers:
         arrays.update({f"{m.name}.{k}": v for k, v in _deployable(m).items()})
     np.savez(out / "weights.npz", **arrays)
-    g = torch.Generator().manual_seed(seed)
-    u = spec.unet
-    x = torch.randn(n_ref, u.in_channels, u.resolution, u.resolution, generator=g)
-    t = torch.linspace(spec.diffusion.timesteps - 1, 0, n_ref).round()
-    reset_state(model)
-    eps = model(x, t)
-    np.savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy())
+    x, t, eps, margins = reference_inputs(model, spec, n_ref, seed, min_margin)
+    np.savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy(), margin=margins.numpy())
+    meta["reference_min_margin"] = float(margins.min()) if len(margins) else None
+    (out / "spec.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+@torch.no_grad()
+def reference_inputs(model, spec, n_ref: int, seed: int, min_margin: float, max_tries: int = 128):
+    """Reference inputs for export parity: timesteps spread over [T-1, 0], noise drawn until every binary
+    layer's pre-quantization values keep ``min_margin`` from a decision boundary (so float reordering in
+    another framework cannot flip a bit). Returns x, t, eps and each sample's margin."""
+    layers = [m for m in binary_layers(model)]
+    u = spec.unet
+    g = torch.Generator().manual_seed(seed)
+    ts = torch.linspace(spec.diffusion.timesteps - 1, 0, n_ref).round()
+    xs, epss, margins = [], [], []
+    T = spec.diffusion.timesteps
+    chosen_t = []
+    for base in ts:
+        best = None
+        for k in range(max_tries):
+            # the time-embedding path depends on t alone, so the search also steps t by a few units
+            t = (base + (k % 8) * (-1 if base > T // 2 else 1)).clamp(0, T - 1)
+            x = torch.randn(1, u.in_channels, u.resolution, u.resolution, generator=g)
+            margin = torch.tensor(float("inf"))
+
+            def track(mod, inp, margin=margin) -> None:  # a pre-hook must return None (else it replaces inputs)
+                margin.copy_(torch.minimum(margin, mod.decision_margin(inp[0]).min()))
+
+            hooks = [m.register_forward_pre_hook(track) for m in layers]
+            reset_state(model)
+            eps = model(x, t[None])
+            for h in hooks:
+                h.remove()
+            if best is None or margin > best[2]:
+                best = (x, eps, margin.clone(), t)
+            if margin >= min_margin:
+                break
+        xs.append(best[0]), epss.append(best[1]), margins.append(best[2]), chosen_t.append(best[3])
+    return torch.cat(xs), torch.stack(chosen_t), torch.cat(epss), torch.stack(margins)

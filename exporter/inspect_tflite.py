@@ -1,0 +1,146 @@
+"""Read a ``.tflite`` flatbuffer: operators, which U-Net layer each binary conv implements, parameter bytes.
+
+``inspect_model(bytes) -> ModelInventory``; ``format_inventory`` is what ``bdmtool inspect`` prints.
+A silent LCE fallback shows up here as a float ``CONV_2D`` fed by an ``LceDequantize`` (or as a binary
+layer with no ``LceBconv2d``); ``verify_binary_layers`` turns that into an error naming the layers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .keras_unet import torch_name
+
+_DTYPE_BYTES = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 6: 1, 7: 2, 9: 1, 10: 8, 16: 4}  # TensorType -> bytes/element
+
+
+@dataclass
+class OpRecord:
+    index: int
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    options: dict | None = None
+
+
+@dataclass
+class ModelInventory:
+    ops: list[OpRecord]
+    histogram: Counter
+    file_bytes: int
+    binary_param_bytes: int  # bit-packed LceBconv2d filters
+    float_param_bytes: int  # every other constant buffer
+    bconv_layers: dict[str, int] = field(default_factory=dict)  # torch layer name -> number of bconvs
+    fallbacks: list[str] = field(default_factory=list)  # float convs/matmuls fed by LceDequantize
+    inputs: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+
+
+def _layer_of(tensor_name: str) -> str | None:
+    """``bdmtool_unet/down__0__block__0__conv1/ste_sign`` -> ``down.0.block.0.conv1``."""
+    parts = tensor_name.split("/")
+    if len(parts) < 2:
+        return None
+    return torch_name(parts[1].split(";")[0])
+
+
+def inspect_model(fb: bytes) -> ModelInventory:
+    import flatbuffers.flexbuffers as fx
+    from tensorflow.lite.python import schema_py_generated as s
+
+    m = s.Model.GetRootAsModel(fb, 0)
+    sg = m.Subgraphs(0)
+    builtin = {v: k for k, v in s.BuiltinOperator.__dict__.items() if not k.startswith("_")}
+
+    def tname(i: int) -> str:
+        return sg.Tensors(i).Name().decode() if i >= 0 else ""
+
+    ops, producers = [], {}
+    for j in range(sg.OperatorsLength()):
+        op = sg.Operators(j)
+        oc = m.OperatorCodes(op.OpcodeIndex())
+        custom = oc.CustomCode()
+        name = custom.decode() if custom else builtin[max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())]
+        opts = None
+        if custom and op.CustomOptionsLength():
+            opts = fx.Loads(bytes(op.CustomOptionsAsNumpy()))
+        rec = OpRecord(j, name, [tname(op.Inputs(i)) for i in range(op.InputsLength())],
+                       [tname(op.Outputs(i)) for i in range(op.OutputsLength())], opts)
+        ops.append(rec)
+        for o in range(op.OutputsLength()):
+            producers[op.Outputs(o)] = rec
+        rec._input_ids = [op.Inputs(i) for i in range(op.InputsLength())]  # type: ignore[attr-defined]
+
+    binary_buffers, bconv_layers, fallbacks = set(), Counter(), []
+    for rec in ops:
+        if rec.name == "LceBconv2d":
+            binary_buffers.add(sg.Tensors(rec._input_ids[1]).Buffer())  # type: ignore[attr-defined]
+            layer = _layer_of(rec.inputs[0])
+            if layer:
+                bconv_layers[layer] += 1
+        elif rec.name in ("CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "DEPTHWISE_CONV_2D"):
+            src = producers.get(rec._input_ids[0])  # type: ignore[attr-defined]
+            if src is not None and src.name == "LceDequantize":
+                fallbacks.append(_layer_of(rec.inputs[0]) or rec.outputs[0])
+    binary_bytes = float_bytes = 0
+    for b in range(m.BuffersLength()):
+        size = m.Buffers(b).DataLength()
+        if b in binary_buffers:
+            binary_bytes += size
+        else:
+            float_bytes += size
+
+    def io(indices) -> list[dict]:
+        out = []
+        for i in indices:
+            t = sg.Tensors(i)
+            out.append({"name": t.Name().decode(), "shape": [int(v) for v in t.ShapeAsNumpy()],
+                        "dtype": {0: "float32", 2: "int32", 9: "int8"}.get(t.Type(), str(t.Type()))})
+        return out
+
+    return ModelInventory(ops, Counter(o.name for o in ops), len(fb), binary_bytes, float_bytes,
+                          dict(bconv_layers), fallbacks,
+                          io(sg.Inputs(i) for i in range(sg.InputsLength())),
+                          io(sg.Outputs(i) for i in range(sg.OutputsLength())))
+
+
+def verify_binary_layers(inv: ModelInventory, expected: list[str]) -> None:
+    """Fail loudly when a layer the checkpoint marks binary did not become an ``LceBconv2d``."""
+    from .binary_layers import NotExportableError
+
+    missing = [n for n in expected if inv.bconv_layers.get(n, 0) == 0]
+    if missing or inv.fallbacks:
+        reasons = []
+        if missing:
+            reasons.append(f"{len(missing)} binary layer(s) have no LceBconv2d: {missing[:8]}")
+        if inv.fallbacks:
+            reasons.append(f"float convolution fed by LceDequantize (an op between the sign and the conv, "
+                           f"or a non-binary filter) at: {inv.fallbacks[:8]}")
+        raise NotExportableError("LCE did not produce binary kernels where the checkpoint requires them; "
+                                 + "; ".join(reasons))
+
+
+def _io_text(d: dict) -> str:
+    return f"{d['name']} {d['shape']} {d['dtype']}"
+
+
+def format_inventory(inv: ModelInventory) -> str:
+    lines = [f"file size: {inv.file_bytes / 1024:.1f} KiB",
+             f"parameters: binary (bit-packed) {inv.binary_param_bytes / 1024:.1f} KiB, "
+             f"float/other {inv.float_param_bytes / 1024:.1f} KiB",
+             "inputs:  " + ", ".join(_io_text(d) for d in inv.inputs),
+             "outputs: " + ", ".join(_io_text(d) for d in inv.outputs),
+             f"LceBconv2d: {inv.histogram.get('LceBconv2d', 0)} ops over {len(inv.bconv_layers)} layers",
+             "op histogram:"]
+    width = max((len(k) for k in inv.histogram), default=4)
+    lines += [f"  {k:<{width}}  {v}" for k, v in inv.histogram.most_common()]
+    if inv.fallbacks:
+        lines.append(f"WARNING: float convolutions fed by LceDequantize: {inv.fallbacks}")
+    return "\n".join(lines)
+
+
+def max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))

@@ -1,0 +1,163 @@
+"""Export as a chain of explicit stages, each checked against the previous one:
+
+    bundle (PyTorch reference I/O) -> Keras/Larq model -> LCE flatbuffer -> verified (ops + interpreter)
+
+``export_lce(bundle_dir, out_dir)`` writes ``<name>.tflite``, ``<name>.json`` (the sidecar an app needs)
+and ``export_report.json`` (parity per stage, op inventory, sizes), and raises when a stage's parity is
+above tolerance or a binary layer did not become an ``LceBconv2d``. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import bdmtool  # noqa: F401
+
+from .inspect_tflite import inspect_model, max_abs, verify_binary_layers
+
+
+class ParityError(RuntimeError):
+    """A stage's outputs differ from the previous stage's by more than the tolerance."""
+
+
+@dataclass
+class ExportResult:
+    tflite: Path
+    sidecar: Path
+    report: dict
+
+
+def read_bundle(bundle_dir: str | Path):
+    from .keras_unet import Weights
+
+    d = Path(bundle_dir)
+    meta = json.loads((d / "spec.json").read_text())
+    with np.load(d / "weights.npz") as z:
+        weights = Weights({k: z[k] for k in z.files})
+    with np.load(d / "reference_io.npz") as z:
+        ref = {k: z[k] for k in z.files}
+    return meta, weights, ref
+
+
+def _inputs_nhwc(ref: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
+    return ref["x"][i:i + 1].transpose(0, 2, 3, 1).astype(np.float32), ref["t"][i:i + 1].reshape(1, 1).astype(np.float32)
+
+
+def _interpreter(fb: bytes, threads: int = 1):
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    return Interpreter(fb, num_threads=threads, use_indirect_bgemm=True)
+
+
+def run_tflite(interp, x_nhwc: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """One forward through the LCE interpreter; inputs are matched by shape (TFLite order is not Keras order)."""
+    feeds = []
+    for shape in interp.input_shapes:
+        feeds.append(x_nhwc if tuple(shape) == x_nhwc.shape else t)
+    return interp.predict(feeds if len(feeds) > 1 else feeds[0])
+
+
+def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50) -> dict:
+    """What an app embedding the model needs to know, as JSON."""
+    from bdmtool.trainer.diffusion import beta_schedule  # torch-free helpers
+    from bdmtool.trainer.spec import DiffusionConfig
+
+    spec = meta["spec"]
+    dcfg = DiffusionConfig.from_dict(spec["diffusion"])
+    betas = beta_schedule(dcfg)
+    abar = np.cumprod(1.0 - betas)
+    T = dcfg.timesteps
+    ddim = list(range(0, T, T // steps))[::-1]
+    b = spec.get("binarize")
+    return {
+        "model": f"{name}.tflite", "target": target, "format": "bdmtool-sidecar", "version": 1,
+        "method": b["method"] if b else "fp", "bits": {"weights": 1 if b else 32, "activations": b["abits"] if b else 32},
+        "source_checkpoint_sha256": meta["source_sha256"], "source_step": meta["step"],
+        "inputs": [{"name": "x", "tflite_name": inv.inputs[[d["shape"] for d in inv.inputs].index(
+                        [1, spec["unet"]["resolution"], spec["unet"]["resolution"], spec["unet"]["in_channels"]])]["name"],
+                    "shape": [1, spec["unet"]["resolution"], spec["unet"]["resolution"], spec["unet"]["in_channels"]],
+                    "dtype": "float32", "layout": "NHWC",
+                    "meaning": "noisy image x_t; pixels scaled as u8 / 127.5 - 1 (range [-1, 1])"},
+                   {"name": "t", "shape": [1, 1], "dtype": "float32",
+                    "meaning": "the integer timestep t in [0, T-1] as a float (not normalised); the graph computes "
+                               "the sinusoidal embedding"}],
+        "outputs": [{"name": "eps", "tflite_name": inv.outputs[0]["name"], "shape": inv.outputs[0]["shape"],
+                     "dtype": "float32", "layout": "NHWC", "meaning": "predicted noise epsilon"}],
+        "tflite_io_order": {"inputs": [d["name"] for d in inv.inputs], "outputs": [d["name"] for d in inv.outputs]},
+        "schedule": {"name": dcfg.schedule, "beta_start": dcfg.beta_start, "beta_end": dcfg.beta_end, "timesteps": T,
+                     "alphas_cumprod": [float(v) for v in abar]},
+        "sampler": {"name": "ddim", "eta": 0.0, "steps": steps, "skip": "uniform", "timesteps": ddim,
+                    "update": "x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps; "
+                              "a_prev = 1 after the last step"},
+        "cache_tensors": [],
+        "runtime": "LCE custom ops (LceBconv2d, LceQuantize): link the LCE TFLite AAR or use lce_benchmark_model"
+                   if inv.histogram.get("LceBconv2d") else "builtin TFLite ops only",
+    }
+
+
+def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float = 1e-4,
+               target: str = "lce", log=print) -> ExportResult:
+    """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files."""
+    import larq_compute_engine as lce
+
+    from .binary_layers import binary_conv
+    from .keras_unet import UNetBuilder
+
+    meta, weights, ref = read_bundle(bundle_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    b = meta["spec"].get("binarize")
+    name = name or (f"{b['method']}_w1a{b['abits']}" if b else "fp")
+    if target == "keras-fp" and meta["binary_layers"]:
+        meta = {**meta, "binary_layers": []}  # the same Keras rebuild, every layer float (cross-check)
+    report: dict = {"name": name, "target": target, "stages": {},
+                    "reference": {"timesteps": [float(v) for v in ref["t"]],
+                                  "decision_margin": [float(v) for v in ref.get("margin", [])]}}
+
+    model = UNetBuilder(meta, weights, binary_conv).build()
+    n = len(ref["t"])
+    keras_out = [model([*_inputs_nhwc(ref, i)]).numpy() for i in range(n)]
+    if target == "lce":
+        err = max(max_abs(keras_out[i].transpose(0, 3, 1, 2), ref["eps"][i:i + 1]) for i in range(n))
+        report["stages"]["keras_vs_pytorch"] = err
+        log(f"[keras] parity vs PyTorch: max |d eps| = {err:.2e}")
+        if not err <= tol:
+            raise ParityError(f"Keras rebuild differs from PyTorch by {err:.3e} > {tol} (a weight-mapping bug)")
+
+    fb = lce.convert_keras_model(model)
+    path = out / f"{name}.tflite"
+    path.write_bytes(fb)
+    inv = inspect_model(fb)
+    expected = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] != 32]
+    verify_binary_layers(inv, expected)
+    report["ops"] = dict(inv.histogram)
+    report["binary_layers"] = len(expected)
+    report["bconv_ops"] = inv.histogram.get("LceBconv2d", 0)
+    report["float_layers"] = sorted({r["name"] for r in meta["binary_layers"] if r["abits"] == 32})
+    log(f"[lce] {path.name}: {inv.file_bytes / 1024:.1f} KiB, {report['bconv_ops']} LceBconv2d for "
+        f"{len(expected)} binary layers")
+
+    interp = _interpreter(fb)
+    tfl = [run_tflite(interp, *_inputs_nhwc(ref, i)) for i in range(n)]
+    err_k = max(max_abs(tfl[i], keras_out[i]) for i in range(n))
+    report["stages"]["tflite_vs_keras"] = err_k
+    log(f"[lce] interpreter parity vs Keras: max |d eps| = {err_k:.2e}")
+    if not err_k <= tol:
+        raise ParityError(f"LCE interpreter differs from Keras by {err_k:.3e} > {tol}")
+    if target == "lce":
+        report["stages"]["tflite_vs_pytorch"] = max(max_abs(tfl[i].transpose(0, 3, 1, 2), ref["eps"][i:i + 1])
+                                                    for i in range(n))
+    report["file_bytes"] = inv.file_bytes
+    report["binary_param_bytes"], report["float_param_bytes"] = inv.binary_param_bytes, inv.float_param_bytes
+    side = sidecar(meta, inv, name, target)
+    side_path = out / f"{name}.json"
+    side_path.write_text(json.dumps(side, indent=2))
+    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    if not all(math.isfinite(v) for v in report["stages"].values()):
+        raise ParityError(f"non-finite parity values: {report['stages']}")
+    return ExportResult(path, side_path, report)
