@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .keras_unet import torch_name
+from .keras_unet import keras_name, torch_name
 
 _DTYPE_BYTES = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 6: 1, 7: 2, 9: 1, 10: 8, 16: 4}  # TensorType -> bytes/element
 
@@ -39,15 +39,29 @@ class ModelInventory:
     outputs: list[dict] = field(default_factory=list)
 
 
-def _layer_of(tensor_name: str) -> str | None:
-    """``bdmtool_unet/down__0__block__0__conv1/ste_sign`` -> ``down.0.block.0.conv1``."""
-    parts = tensor_name.split("/")
+_SUFFIXES = ("__scale", "__kmul", "__gamma", "__bias", "__rprelu", "__sc_add", "__threshold")
+
+
+def _layer_of(tensor_name: str, known: list[str] | None = None) -> str | None:
+    """``u/down__0__block__0__conv1__scale/mul;...`` -> ``down.0.block.0.conv1``.
+
+    TFLite keeps at most ~50 characters of a tensor name, so with ``known`` layer names the longest one
+    whose Keras name the (possibly truncated) segment starts with, followed by ``__`` or the end, wins.
+    """
+    parts = tensor_name.split(";")[0].split("/")
     if len(parts) < 2:
         return None
-    return torch_name(parts[1].split(";")[0])
+    seg = parts[1]
+    if known:
+        hits = [n for n in known if seg == keras_name(n) or seg.startswith(keras_name(n) + "__")]
+        return max(hits, key=len) if hits else None
+    for suffix in _SUFFIXES:
+        if seg.endswith(suffix):
+            seg = seg[: -len(suffix)]
+    return torch_name(seg)
 
 
-def inspect_model(fb: bytes) -> ModelInventory:
+def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInventory:
     import flatbuffers.flexbuffers as fx
     from tensorflow.lite.python import schema_py_generated as s
 
@@ -78,13 +92,15 @@ def inspect_model(fb: bytes) -> ModelInventory:
     for rec in ops:
         if rec.name == "LceBconv2d":
             binary_buffers.add(sg.Tensors(rec._input_ids[1]).Buffer())  # type: ignore[attr-defined]
-            layer = _layer_of(rec.inputs[0])
+            # The output carries the layer's name (its per-channel scale is fused into the bconv); the input
+            # may not: layers reading the same tensor (attention q, k, v) share one LceQuantize.
+            layer = _layer_of(rec.outputs[0], layer_names) or _layer_of(rec.inputs[0], layer_names)
             if layer:
                 bconv_layers[layer] += 1
         elif rec.name in ("CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "DEPTHWISE_CONV_2D"):
             src = producers.get(rec._input_ids[0])  # type: ignore[attr-defined]
             if src is not None and src.name == "LceDequantize":
-                fallbacks.append(_layer_of(rec.inputs[0]) or rec.outputs[0])
+                fallbacks.append(_layer_of(rec.inputs[0], layer_names) or rec.outputs[0])
     binary_bytes = float_bytes = 0
     for b in range(m.BuffersLength()):
         size = m.Buffers(b).DataLength()

@@ -134,7 +134,7 @@ class UNetBuilder:
         emb = keras.layers.Concatenate()([keras.layers.Lambda(tf.sin)(args), keras.layers.Lambda(tf.cos)(args)])
         return float_dense(self.w, "temb.dense.1", silu(float_dense(self.w, "temb.dense.0", emb)))
 
-    def build(self, name: str = "bdmtool_unet") -> "keras.Model":
+    def build(self, name: str = "u") -> "keras.Model":  # short: TFLite truncates tensor names to ~50 chars
         u = self.u
         res, cin = u["resolution"], u["in_channels"]
         x_in = keras.Input((res, res, cin), batch_size=1, name="x")

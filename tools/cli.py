@@ -119,6 +119,34 @@ def demo(out, n, steps, seed, qat_steps, qat_batch):
     run_demo(out, n_samples=n, steps=steps, seed=seed, qat_steps=qat_steps, qat_batch=qat_batch, log=click.echo)
 
 
+@cli.command()
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
+@click.option("--target", type=click.Choice(["lce", "keras-fp"]), default="lce", show_default=True,
+              help="lce: Keras/Larq rebuild -> LCE .tflite with binary kernels; keras-fp: the same rebuild, all float.")
+@click.option("--out", type=click.Path(file_okay=False), default="export", show_default=True)
+@click.option("--name", default=None, help="Base name of the .tflite and its sidecar .json [default: METHOD_w1aBITS].")
+@click.option("--tol", type=float, default=1e-4, show_default=True, help="Max |d eps| allowed between stages.")
+@_friendly
+def export(ckpt, target, out, name, tol):
+    """Export CKPT to a .tflite + sidecar JSON, checking parity at every stage and the binary op inventory."""
+    from bdmtool.tools.export import export_checkpoint
+
+    result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, log=click.echo)
+    click.echo(f"wrote {result.tflite} ({result.report['file_bytes'] / 1024:.1f} KiB) and {result.sidecar}")
+
+
+@cli.command(name="inspect")
+@click.argument("tflite", type=click.Path(exists=True, dir_okay=False))
+@_friendly
+def inspect_(tflite):
+    """Print a .tflite's op histogram, binary/float parameter bytes, I/O and file size."""
+    from pathlib import Path as _P
+
+    from bdmtool.exporter.inspect_tflite import format_inventory, inspect_model
+
+    click.echo(format_inventory(inspect_model(_P(tflite).read_bytes())))
+
+
 def main() -> None:  # pragma: no cover
     cli(prog_name="bdmtool")
 
