@@ -1,0 +1,96 @@
+"""Export: Keras/Larq rebuild -> LCE flatbuffer with real binary kernels, parity at every stage (real LCE)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import MICRO_UNET
+from bdmtool.trainer.spec import build_train_spec
+from bdmtool.trainer.train import train
+
+pytestmark = pytest.mark.slow
+COMMON = ["data.limit=32", "train.batch_size=4", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp")
+    return str(train(build_train_spec("tiny", "digits", 5, [*MICRO_UNET, *COMMON]), out, progress=False))
+
+
+def _qat(teacher, tmp_path, method, abits=None):
+    spec = build_train_spec(method=method, abits=abits, teacher=teacher, steps=3, overrides=COMMON)
+    return train(spec, tmp_path / method, progress=False)
+
+
+@pytest.mark.parametrize("method", ["bidm", "xnor"])
+def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher, method):
+    from bdmtool.exporter.inspect_tflite import inspect_model
+    from bdmtool.tools.export import export_checkpoint
+
+    res = export_checkpoint(_qat(teacher, tmp_path, method), tmp_path / "export", log=lambda s: None)
+    rep = res.report
+    meta = json.loads((tmp_path / "export" / "bundle" / "spec.json").read_text())
+    names = [r["name"] for r in meta["binary_layers"]]
+    assert rep["bconv_ops"] == rep["binary_layers"] == len(names) > 20
+    inv = inspect_model(res.tflite.read_bytes(), names)
+    assert sorted(inv.bconv_layers) == sorted(names) and set(inv.bconv_layers.values()) == {1}
+    assert not inv.fallbacks
+    assert "DEQUANTIZE" not in inv.histogram and inv.histogram["LceQuantize"] >= 1
+    for stage in ("keras_vs_pytorch", "tflite_vs_keras", "tflite_vs_pytorch"):
+        assert rep["stages"][stage] <= 1e-4, (stage, rep["stages"])
+    assert min(rep["reference"]["decision_margin"]) > 1e-6
+    assert inv.binary_param_bytes > 0 and inv.file_bytes == res.tflite.stat().st_size
+    side = json.loads(res.sidecar.read_text())
+    assert side["bits"] == {"weights": 1, "activations": 1} and side["method"] == method
+    assert side["inputs"][0]["layout"] == "NHWC" and side["inputs"][0]["shape"] == [1, 32, 32, 1]
+    assert side["inputs"][1]["name"] == "t" and len(side["schedule"]["alphas_cumprod"]) == 1000
+    assert side["sampler"]["timesteps"][:2] == [980, 960]
+    assert len(side["source_checkpoint_sha256"]) == 64
+    if method == "bidm":
+        assert side["limitations"]  # the cross-timestep cache is not exported yet: said, not hidden
+
+
+def test_keras_fp_cross_check(tmp_path, teacher):
+    from bdmtool.tools.export import export_checkpoint
+
+    res = export_checkpoint(teacher, tmp_path / "fp", target="keras-fp", name="fp", log=lambda s: None)
+    assert res.report["bconv_ops"] == 0 and res.report["stages"]["tflite_vs_keras"] <= 1e-4
+    assert "CONV_2D" in res.report["ops"]
+
+
+def test_unexportable_binary_layer_fails_loudly(tmp_path, teacher):
+    from bdmtool.exporter.binary_layers import NotExportableError
+    from bdmtool.tools.export import export_checkpoint
+
+    ckpt = _qat(teacher, tmp_path, "dorefa")  # {0,1} activations: no LCE binary form
+    with pytest.raises(NotExportableError, match="dorefa|DoReFa"):
+        export_checkpoint(ckpt, tmp_path / "d", log=lambda s: None)
+
+
+def test_silent_fallback_is_detected(tmp_path, teacher, monkeypatch):
+    """An op between the sign and the conv makes LCE keep a float conv; verification must name the layer."""
+    import larq as lq
+    import tensorflow as tf
+
+    import bdmtool.exporter.binary_layers as bl
+    from bdmtool.exporter.binary_layers import NotExportableError
+    from bdmtool.tools.export import export_checkpoint
+
+    ckpt = _qat(teacher, tmp_path, "xnor")
+    original = bl.binary_conv
+
+    def broken(builder, rec, x):
+        if rec["name"] != "mid.block_1.conv1":
+            return original(builder, rec, x)
+        h = lq.quantizers.SteSign()(x) * 0.5  # sign -> MUL -> conv: LCE's documented fallback pattern
+        layer = tf.keras.layers.Conv2D(rec["out_channels"], 3, padding="same", use_bias=False,
+                                       name=bl.keras_name(rec["name"]))
+        y = layer(h)
+        layer.set_weights([builder.w.get(f"{rec['name']}.sign1").astype(np.float32).transpose(2, 3, 1, 0)])
+        return y
+
+    monkeypatch.setattr(bl, "binary_conv", broken)
+    with pytest.raises(NotExportableError, match=r"mid\.block_1\.conv1"):
+        export_checkpoint(ckpt, tmp_path / "b", tol=10.0, log=lambda s: None)
