@@ -92,6 +92,12 @@ class UNetBuilder:
         self.binary_conv = binary_conv
         if self.binary and binary_conv is None:
             raise ValueError("this bundle has binary layers; build it with a binary_conv factory")
+        cache = meta.get("timestep_cache")
+        self.sites = list(cache["sites"]) if cache else []
+        self.cache_inputs: list = []
+        self.cache_outputs: list = []
+        self._visited: set[str] = set()
+        self._t = self._valid = None
 
     def conv(self, name: str, x, k: int, stride: int = 1, padding: str = "same"):
         if name in self.binary:
@@ -104,6 +110,28 @@ class UNetBuilder:
             y = self.binary_conv(self, self.binary[name], keras.layers.Reshape((1, 1, x.shape[-1]))(x))
             return keras.layers.Reshape((y.shape[-1],))(y)
         return float_dense(self.w, name, x)
+
+    def site(self, name: str, h):
+        """BiDM cross-timestep connection at module ``name``: h <- (1 - a) h + a * cache_in, a = alpha[bucket(t)]
+        times ``cache_valid`` (0 on the first sampling step); the mixed tensor is also a model output."""
+        if name not in self.sites:
+            return h
+        i = self.sites.index(name)
+        self._visited.add(name)
+        buckets, T = self.meta["timestep_cache"]["buckets"], self.meta["spec"]["diffusion"]["timesteps"]
+        alpha = self.w.get("tbs_cache.alpha")[:, i].astype(np.float32)
+        cache_in = keras.Input(h.shape[1:], batch_size=1, name=f"cache_in_{i}")
+        self.cache_inputs.append(cache_in)
+
+        def mix(z, alpha=alpha, buckets=buckets, T=T):
+            h_, c_, t_, v_ = z
+            b = tf.cast(tf.clip_by_value(tf.floor(t_ * (buckets / T)), 0.0, buckets - 1.0), tf.int32)
+            a = tf.reshape(tf.gather(tf.constant(alpha), tf.reshape(b, [-1])), [-1, 1, 1, 1]) * tf.reshape(v_, [-1, 1, 1, 1])
+            return (1.0 - a) * h_ + a * c_
+
+        mixed = keras.layers.Lambda(mix, name=f"{keras_name(name)}__cache_mix")([h, cache_in, self._t, self._valid])
+        self.cache_outputs.append(keras.layers.Activation("linear", name=f"cache_out_{i}")(mixed))
+        return mixed
 
     def norm(self, name: str, x):
         return group_norm(self.w, name, x, self.u["num_groups"], self.u["norm_eps"])
@@ -139,32 +167,43 @@ class UNetBuilder:
         res, cin = u["resolution"], u["in_channels"]
         x_in = keras.Input((res, res, cin), batch_size=1, name="x")
         t_in = keras.Input((1,), batch_size=1, name="t")
+        self._t = t_in
+        if self.sites:
+            self._valid = keras.Input((1,), batch_size=1, name="cache_valid")
         temb = self.timestep_embedding(t_in)
         hs = [float_conv(self.w, "conv_in", x_in, 3) if "conv_in" not in self.binary else self.conv("conv_in", x_in, 3)]
         levels, nrb = len(u["ch_mult"]), u["num_res_blocks"]
         cur = res
         for i in range(levels):
             for j in range(nrb):
-                h = self.resblock(f"down.{i}.block.{j}", hs[-1], temb)
+                h = self.site(f"down.{i}.block.{j}", self.resblock(f"down.{i}.block.{j}", hs[-1], temb))
                 if cur in u["attn_resolutions"]:
-                    h = self.attn(f"down.{i}.attn.{j}", h)
+                    h = self.site(f"down.{i}.attn.{j}", self.attn(f"down.{i}.attn.{j}", h))
                 hs.append(h)
             if i != levels - 1:
                 padded = keras.layers.ZeroPadding2D(((0, 1), (0, 1)))(hs[-1])
-                hs.append(self.conv(f"down.{i}.downsample.conv", padded, 3, stride=2, padding="valid"))
+                d = self.conv(f"down.{i}.downsample.conv", padded, 3, stride=2, padding="valid")
+                hs.append(self.site(f"down.{i}.downsample", d))
                 cur //= 2
-        h = self.resblock("mid.block_1", hs[-1], temb)
-        h = self.attn("mid.attn_1", h)
-        h = self.resblock("mid.block_2", h, temb)
+        h = self.site("mid.block_1", self.resblock("mid.block_1", hs[-1], temb))
+        h = self.site("mid.attn_1", self.attn("mid.attn_1", h))
+        h = self.site("mid.block_2", self.resblock("mid.block_2", h, temb))
         for i in reversed(range(levels)):
             for j in range(nrb + 1):
                 h = self.resblock(f"up.{i}.block.{j}", keras.layers.Concatenate()([h, hs.pop()]), temb)
+                h = self.site(f"up.{i}.block.{j}", h)
                 if cur in u["attn_resolutions"]:
-                    h = self.attn(f"up.{i}.attn.{j}", h)
+                    h = self.site(f"up.{i}.attn.{j}", self.attn(f"up.{i}.attn.{j}", h))
             if i != 0:
                 h = self.conv(f"up.{i}.upsample.conv", keras.layers.UpSampling2D(2, interpolation="nearest")(h), 3)
+                h = self.site(f"up.{i}.upsample", h)
                 cur *= 2
         h = silu(self.norm("norm_out", h))
         out = self.conv("conv_out", h, 3)
         out = keras.layers.Activation("linear", name="eps")(out)
+        missing = sorted(set(self.sites) - self._visited)
+        if missing:
+            raise ValueError(f"timestep-cache sites not found in the Keras rebuild: {missing}")
+        if self.sites:
+            return keras.Model([x_in, t_in, self._valid, *self.cache_inputs], [out, *self.cache_outputs], name=name)
         return keras.Model([x_in, t_in], out, name=name)

@@ -19,6 +19,7 @@ import numpy as np
 import bdmtool  # noqa: F401
 
 from .inspect_tflite import inspect_model, max_abs, verify_binary_layers
+from .runtime import KerasDenoiser, TFLiteDenoiser
 
 
 class ParityError(RuntimeError):
@@ -48,21 +49,27 @@ def _inputs_nhwc(ref: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
     return ref["x"][i:i + 1].transpose(0, 2, 3, 1).astype(np.float32), ref["t"][i:i + 1].reshape(1, 1).astype(np.float32)
 
 
-def _interpreter(fb: bytes, threads: int = 1):
-    from larq_compute_engine.tflite.python.interpreter import Interpreter
+def _reference_outputs(den, ref: dict) -> list[np.ndarray]:
+    """eps (NCHW) for each reference input from an empty cache, then the cached second step if present."""
+    outs = []
+    for i in range(len(ref["t"])):
+        den.reset()
+        x, t = _inputs_nhwc(ref, i)
+        outs.append(den.step(x, float(t[0, 0])).transpose(0, 3, 1, 2))
+    if "eps2" in ref:
+        den.reset()
+        x0, t0 = _inputs_nhwc(ref, 0)
+        den.step(x0, float(t0[0, 0]))
+        outs.append(den.step(ref["x2"].transpose(0, 2, 3, 1), float(ref["t2"][0])).transpose(0, 3, 1, 2))
+    return outs
 
-    return Interpreter(fb, num_threads=threads, use_indirect_bgemm=True)
+
+def _expected(ref: dict) -> list[np.ndarray]:
+    return [ref["eps"][i:i + 1] for i in range(len(ref["t"]))] + ([ref["eps2"]] if "eps2" in ref else [])
 
 
-def run_tflite(interp, x_nhwc: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """One forward through the LCE interpreter; inputs are matched by shape (TFLite order is not Keras order)."""
-    feeds = []
-    for shape in interp.input_shapes:
-        feeds.append(x_nhwc if tuple(shape) == x_nhwc.shape else t)
-    return interp.predict(feeds if len(feeds) > 1 else feeds[0])
-
-
-def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50) -> dict:
+def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names: list[str] = ("eps",),
+            cache_shapes: dict | None = None) -> dict:
     """What an app embedding the model needs to know, as JSON."""
     from bdmtool.trainer.diffusion import beta_schedule  # torch-free helpers
     from bdmtool.trainer.spec import DiffusionConfig
@@ -86,15 +93,23 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50) -> dict:
                    {"name": "t", "shape": [1, 1], "dtype": "float32",
                     "meaning": "the integer timestep t in [0, T-1] as a float (not normalised); the graph computes "
                                "the sinusoidal embedding"}],
-        "outputs": [{"name": "eps", "tflite_name": inv.outputs[0]["name"], "shape": inv.outputs[0]["shape"],
+        "outputs": [{"name": "eps", "output_index": list(out_names).index("eps"),
+                     "shape": inv.outputs[list(out_names).index("eps")]["shape"],
                      "dtype": "float32", "layout": "NHWC", "meaning": "predicted noise epsilon"}],
-        "tflite_io_order": {"inputs": [d["name"] for d in inv.inputs], "outputs": [d["name"] for d in inv.outputs]},
+        "tflite_io_order": {"inputs": [d["name"] for d in inv.inputs], "outputs": list(out_names)},
         "schedule": {"name": dcfg.schedule, "beta_start": dcfg.beta_start, "beta_end": dcfg.beta_end, "timesteps": T,
                      "alphas_cumprod": [float(v) for v in abar]},
         "sampler": {"name": "ddim", "eta": 0.0, "steps": steps, "skip": "uniform", "timesteps": ddim,
                     "update": "x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps; "
                               "a_prev = 1 after the last step"},
-        "cache_tensors": [],
+        "cache_tensors": [
+            {"input": o.replace("cache_out_", "cache_in_"), "output_index": k,
+             "shape": (cache_shapes or {}).get(o.replace("cache_out_", "cache_in_")),
+             "site": meta["timestep_cache"]["sites"][int(o.rsplit("_", 1)[1])]}
+            for k, o in enumerate(out_names) if o.startswith("cache_out_")],
+        "cache_protocol": ("" if len(out_names) == 1 else
+                           "Per sampling run: set cache_valid=0 and every cache_in_<i> to zeros for the first step; "
+                           "after each step copy output[output_index] into cache_in_<i> and set cache_valid=1."),
         "runtime": "LCE custom ops (LceBconv2d, LceQuantize): link the LCE TFLite AAR or use lce_benchmark_model"
                    if inv.histogram.get("LceBconv2d") else "builtin TFLite ops only",
     }
@@ -119,11 +134,15 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
                     "reference": {"timesteps": [float(v) for v in ref["t"]],
                                   "decision_margin": [float(v) for v in ref.get("margin", [])]}}
 
-    model = UNetBuilder(meta, weights, binary_conv).build()
-    n = len(ref["t"])
-    keras_out = [model([*_inputs_nhwc(ref, i)]).numpy() for i in range(n)]
+    if target == "keras-fp":
+        meta = {**meta, "timestep_cache": None}
+        ref = {k: v for k, v in ref.items() if k not in ("x2", "t2", "eps2")}
+    builder = UNetBuilder(meta, weights, binary_conv)
+    model = builder.build()
+    keras_out = _reference_outputs(KerasDenoiser(model), ref)
+    want = _expected(ref)
     if target == "lce":
-        err = max(max_abs(keras_out[i].transpose(0, 3, 1, 2), ref["eps"][i:i + 1]) for i in range(n))
+        err = max(max_abs(a, b) for a, b in zip(keras_out, want))
         report["stages"]["keras_vs_pytorch"] = err
         log(f"[keras] parity vs PyTorch: max |d eps| = {err:.2e}")
         if not err <= tol:
@@ -142,27 +161,27 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     log(f"[lce] {path.name}: {inv.file_bytes / 1024:.1f} KiB, {report['bconv_ops']} LceBconv2d for "
         f"{len(expected)} binary layers")
 
-    interp = _interpreter(fb)
-    tfl = [run_tflite(interp, *_inputs_nhwc(ref, i)) for i in range(n)]
-    err_k = max(max_abs(tfl[i], keras_out[i]) for i in range(n))
+    # The converter orders a multi-output model's outputs by name (cache_out_<i>..., eps); parity checks it.
+    out_names = sorted(model.output_names) if len(model.outputs) > 1 else ["eps"]
+    tfl = _reference_outputs(TFLiteDenoiser(fb, out_names), ref)
+    err_k = max(max_abs(a, b) for a, b in zip(tfl, keras_out))
     report["stages"]["tflite_vs_keras"] = err_k
     log(f"[lce] interpreter parity vs Keras: max |d eps| = {err_k:.2e}")
     if not err_k <= tol:
         raise ParityError(f"LCE interpreter differs from Keras by {err_k:.3e} > {tol}")
     if target == "lce":
-        report["stages"]["tflite_vs_pytorch"] = max(max_abs(tfl[i].transpose(0, 3, 1, 2), ref["eps"][i:i + 1])
-                                                    for i in range(n))
+        report["stages"]["tflite_vs_pytorch"] = max(max_abs(a, b) for a, b in zip(tfl, want))
+        if "eps2" in ref:
+            report["stages"]["cached_step_tflite_vs_pytorch"] = max_abs(tfl[-1], want[-1])
     report["file_bytes"] = inv.file_bytes
     report["binary_param_bytes"], report["float_param_bytes"] = inv.binary_param_bytes, inv.float_param_bytes
-    side = sidecar(meta, inv, name, target)
-    if meta.get("timestep_cache"):
-        note = ("BiDM cross-timestep connections are not exported yet: this .tflite computes every step as the "
-                "first sampling step (empty cache), which differs from PyTorch sampling after step 1")
-        report["limitations"] = side["limitations"] = [note]
-        log(f"WARNING: {note}")
+    side = sidecar(meta, inv, name, target, out_names=out_names,
+                   cache_shapes={c.name.split(":")[0]: list(c.shape) for c in builder.cache_inputs})
     side_path = out / f"{name}.json"
     side_path.write_text(json.dumps(side, indent=2))
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    if "cached_step_tflite_vs_pytorch" in report["stages"]:
+        log(f"[lce] cached second step vs PyTorch: max |d eps| = {report['stages']['cached_step_tflite_vs_pytorch']:.2e}")
     if not all(math.isfinite(v) for v in report["stages"].values()):
         raise ParityError(f"non-finite parity values: {report['stages']}")
     return ExportResult(path, side_path, report)

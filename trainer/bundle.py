@@ -84,7 +84,14 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
         arrays.update({f"{m.name}.{k}": v for k, v in _deployable(m).items()})
     np.savez(out / "weights.npz", **arrays)
     x, t, eps, margins = reference_inputs(model, spec, n_ref, seed, min_margin)
-    np.savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy(), margin=margins.numpy())
+    extra = {}
+    if cache is not None:  # a second sampling step that mixes with the cache of the first (x[0], t[0])
+        reset_state(model)
+        model(x[:1], t[:1])
+        extra = {"x2": x[1:2].numpy(), "t2": t[1:2].numpy(), "eps2": model(x[1:2], t[1:2]).numpy(),
+                 "cache_sites": np.array(cache.sites)}
+        reset_state(model)
+    np.savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy(), margin=margins.numpy(), **extra)
     meta["reference_min_margin"] = float(margins.min()) if len(margins) else None
     (out / "spec.json").write_text(json.dumps(meta, indent=2))
     return out

@@ -1,0 +1,83 @@
+"""Run an exported denoiser step by step, carrying BiDM's timestep caches: Keras or the LCE interpreter.
+
+``Denoiser.step(x_nhwc, t) -> eps_nhwc``; ``reset()`` starts a new sampling run (empty cache). The cache
+I/O convention is the one the sidecar documents: inputs ``cache_valid`` [1,1] (0 on a run's first step)
+and ``cache_in_<i>``; outputs ``eps`` then the mixed site tensors, which are the next step's cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+class Denoiser:
+    """Common stepping logic; subclasses implement ``_run(feeds: dict) -> list[np.ndarray]`` (outputs in
+    ``output_names`` order)."""
+
+    def __init__(self, input_names: list[str], input_shapes: dict[str, tuple], output_names: list[str]):
+        self.input_names = input_names
+        self.input_shapes = input_shapes
+        self.output_names = output_names  # per output position: "eps" or "cache_out_<i>"
+        self.reset()
+
+    def reset(self) -> None:
+        self.caches = {n: np.zeros(self.input_shapes[n], np.float32) for n in self.input_names
+                       if n.startswith("cache_in_")}
+        self.valid = 0.0
+
+    def step(self, x_nhwc: np.ndarray, t: float) -> np.ndarray:
+        feeds = {"x": x_nhwc.astype(np.float32), "t": np.full((1, 1), t, np.float32),
+                 "cache_valid": np.full((1, 1), self.valid, np.float32), **self.caches}
+        outs = dict(zip(self.output_names, self._run(feeds)))
+        for name, value in outs.items():
+            if name.startswith("cache_out_"):
+                self.caches[name.replace("cache_out_", "cache_in_")] = value
+                self.valid = 1.0
+        return outs["eps"]
+
+    def _run(self, feeds: dict) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class KerasDenoiser(Denoiser):
+    def __init__(self, model):
+        self.model = model
+        names = [i.name.split(":")[0] for i in model.inputs]
+        shapes = {n: tuple(i.shape) for n, i in zip(names, model.inputs)}
+        super().__init__(names, shapes, list(model.output_names))
+
+    def _run(self, feeds):
+        out = self.model({n: feeds[n] for n in self.input_names})
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return [o.numpy() for o in out]
+
+
+class TFLiteDenoiser(Denoiser):
+    """The LCE interpreter (bconvs with ``use_indirect_bgemm``, fast on x86) on a flatbuffer + its sidecar."""
+
+    def __init__(self, fb: bytes, output_names: list[str] | None = None, threads: int = 1):
+        from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+        from .inspect_tflite import inspect_model
+
+        inv = inspect_model(fb)
+        names = [d["name"] for d in inv.inputs]
+        shapes = {d["name"]: tuple(d["shape"]) for d in inv.inputs}
+        self.interp = Interpreter(fb, num_threads=threads, use_indirect_bgemm=True)
+        super().__init__(names, shapes, output_names or ["eps"])
+
+    @classmethod
+    def from_file(cls, path: str | Path, threads: int = 1) -> "TFLiteDenoiser":
+        path = Path(path)
+        side = path.with_suffix(".json")
+        if not side.exists():
+            raise FileNotFoundError(f"{side} (the sidecar written by `bdmtool export`) is needed to run {path.name}")
+        return cls(path.read_bytes(), json.loads(side.read_text())["tflite_io_order"]["outputs"], threads)
+
+    def _run(self, feeds):  # noqa: D401 - TFLite input order is the flatbuffer's, fed by name
+        out = self.interp.predict([feeds[n] for n in self.input_names] if len(self.input_names) > 1
+                                  else feeds[self.input_names[0]])
+        return list(out) if isinstance(out, list) else [out]
