@@ -80,14 +80,21 @@ def train(preset, data, method, wbits, abits, teacher, steps, out, overrides, no
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
 @click.option("--clip-x0", is_flag=True, help="Clamp the predicted x0 to [-1, 1] each step (diffusers' clip_sample).")
+@click.option("--tflite", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Sample an exported .tflite (with its sidecar .json) in the LCE interpreter instead of CKPT.")
 @_friendly
-def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema, clip_x0):
-    """Sample images from CKPT (default: the embedded tiny MNIST model); writes a grid PNG and an .npz."""
+def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema, clip_x0, tflite):
+    """Sample images from CKPT (default: the embedded tiny MNIST model) or --tflite; writes a grid PNG and an .npz."""
     from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
 
     opts = SampleOptions(n=n, steps=steps, eta=eta, sampler=sampler, skip=skip, seed=seed, batch_size=batch_size,
                          clip_x0=clip_x0)
-    png, npz = sample_checkpoint(ckpt, out, opts, use_ema=not no_ema)
+    if tflite:
+        from bdmtool.tools.sample_tflite import sample_tflite
+
+        png, npz = sample_tflite(tflite, out, opts)
+    else:
+        png, npz = sample_checkpoint(ckpt, out, opts, use_ema=not no_ema)
     click.echo(f"wrote {png} and {npz}")
 
 
