@@ -185,3 +185,56 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     if not all(math.isfinite(v) for v in report["stages"].values()):
         raise ParityError(f"non-finite parity values: {report['stages']}")
     return ExportResult(path, side_path, report)
+
+
+def export_onnx2tf(bundle_dir: str | Path, onnx_path: str | Path, out_dir: str | Path, name: str = "fp",
+                   tol: float = 1e-4, log=print) -> ExportResult:
+    """Float baseline: a (simplified) ONNX file -> onnx2tf -> float32 .tflite, checked against PyTorch.
+
+    Refuses Flex (TF-select) ops: ``lce_benchmark_model`` and the LCE runtime link none.
+    """
+    import shutil
+    import tempfile
+
+    import onnx2tf
+
+    meta, _, ref = read_bundle(bundle_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=tmp, non_verbose=True)
+        produced = sorted(Path(tmp).glob("*_float32.tflite"))
+        if not produced:
+            raise RuntimeError(f"onnx2tf wrote no float32 .tflite for {onnx_path}")
+        path = out / f"{name}.tflite"
+        shutil.copyfile(produced[0], path)
+    fb = path.read_bytes()
+    inv = inspect_model(fb)
+    flex = sorted(k for k in inv.histogram if k.startswith("Flex"))
+    if flex:
+        raise RuntimeError(f"onnx2tf produced Flex ops {flex}; they do not run in LCE / lce_benchmark_model")
+    in_names = [d["name"].replace("serving_default_", "").split(":")[0] for d in inv.inputs]
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    interp = Interpreter(fb, num_threads=1, use_xnnpack=True)
+    errs = []
+    for i in range(len(ref["t"])):
+        x, t = _inputs_nhwc(ref, i)
+        feeds = {"x": x, "t": t.reshape(1)}
+        y = interp.predict([feeds[n] for n in in_names])
+        errs.append(max_abs(y.transpose(0, 3, 1, 2), ref["eps"][i:i + 1]))
+    err = max(errs)
+    log(f"[onnx2tf] {path.name}: {inv.file_bytes / 1024:.1f} KiB; parity vs PyTorch: max |d eps| = {err:.2e}")
+    if not err <= tol:
+        raise ParityError(f"onnx2tf .tflite differs from PyTorch by {err:.3e} > {tol}")
+    report = {"name": name, "target": "fp", "stages": {"tflite_vs_pytorch": err}, "ops": dict(inv.histogram),
+              "bconv_ops": 0, "binary_layers": 0, "file_bytes": inv.file_bytes,
+              "binary_param_bytes": 0, "float_param_bytes": inv.float_param_bytes}
+    side = sidecar({**meta, "spec": {**meta["spec"], "binarize": None}}, inv, name, "fp")
+    side["inputs"][0]["tflite_name"] = inv.inputs[in_names.index("x")]["name"]
+    side["inputs"][1]["shape"] = [1]
+    side["tflite_io_order"] = {"inputs": in_names, "outputs": ["eps"]}
+    side_path = out / f"{name}.json"
+    side_path.write_text(json.dumps(side, indent=2))
+    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    return ExportResult(path, side_path, report)

@@ -99,3 +99,16 @@ def test_silent_fallback_is_detected(tmp_path, teacher, monkeypatch):
     monkeypatch.setattr(bl, "binary_conv", broken)
     with pytest.raises(NotExportableError, match=r"mid\.block_1\.conv1"):
         export_checkpoint(ckpt, tmp_path / "b", tol=10.0, log=lambda s: None)
+
+
+def test_fp_target_through_onnx2tf(tmp_path, teacher):
+    from bdmtool.tools.export import export_checkpoint
+
+    qat = _qat(teacher, tmp_path, "xnor")  # a binarized checkpoint exports its FP teacher for --target fp
+    res = export_checkpoint(qat, tmp_path / "fp", target="fp", log=lambda s: None)
+    rep = res.report
+    assert rep["stages"]["tflite_vs_pytorch"] <= 1e-4
+    assert not any(k.startswith(("Flex", "Lce")) for k in rep["ops"]) and rep["ops"]["CONV_2D"] > 10
+    side = json.loads(res.sidecar.read_text())
+    assert side["method"] == "fp" and side["bits"] == {"weights": 32, "activations": 32}
+    assert sorted(side["tflite_io_order"]["inputs"]) == ["t", "x"]

@@ -128,8 +128,9 @@ def demo(out, n, steps, seed, qat_steps, qat_batch):
 
 @cli.command()
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
-@click.option("--target", type=click.Choice(["lce", "keras-fp"]), default="lce", show_default=True,
-              help="lce: Keras/Larq rebuild -> LCE .tflite with binary kernels; keras-fp: the same rebuild, all float.")
+@click.option("--target", type=click.Choice(["lce", "fp", "keras-fp"]), default="lce", show_default=True,
+              help="lce: Keras/Larq rebuild -> LCE .tflite with binary kernels; fp: the FP model (or a binarized "
+                   "checkpoint's teacher) via ONNX -> onnx2tf; keras-fp: the Keras rebuild with every layer float.")
 @click.option("--out", type=click.Path(file_okay=False), default="export", show_default=True)
 @click.option("--name", default=None, help="Base name of the .tflite and its sidecar .json [default: METHOD_w1aBITS].")
 @click.option("--tol", type=float, default=1e-4, show_default=True, help="Max |d eps| allowed between stages.")

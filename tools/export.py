@@ -8,9 +8,53 @@ from pathlib import Path
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
                       tol: float = 1e-4, log: Callable[[str], None] = print):
-    from bdmtool.exporter.pipeline import export_lce
     from bdmtool.trainer.bundle import write_bundle
 
+    if target == "fp":
+        ckpt = fp_source(ckpt)
     bundle = write_bundle(ckpt, Path(out) / "bundle")
     log(f"[bundle] {bundle}")
+    if target == "fp":
+        from bdmtool.exporter.pipeline import export_onnx2tf
+
+        onnx_path = write_onnx(ckpt, bundle / "model.onnx")
+        log(f"[onnx] {onnx_path}")
+        return export_onnx2tf(bundle, onnx_path, out, name=name or "fp", tol=tol, log=log)
+    from bdmtool.exporter.pipeline import export_lce
+
     return export_lce(bundle, out, name=name, tol=tol, target=target, log=log)
+
+
+def fp_source(ckpt: str | Path) -> str:
+    """The FP model behind ``ckpt``: itself when full precision, else the teacher it was trained from."""
+    from bdmtool.trainer.checkpoint import read_spec
+
+    spec = read_spec(ckpt)
+    if spec.binarize is None:
+        return str(ckpt)
+    if not spec.teacher or not Path(spec.teacher).exists():
+        raise FileNotFoundError(f"--target fp needs the FP teacher of {ckpt}, but {spec.teacher!r} is missing; "
+                                "pass the FP checkpoint itself")
+    return spec.teacher
+
+
+def write_onnx(ckpt: str | Path, path: Path) -> Path:
+    """torch.onnx.export (opset 17, static batch 1) + onnxsim constant folding (onnx2tf needs the GroupNorm
+    scales of torch's InstanceNormalization pattern as constants). onnxsim runs in a subprocess: it
+    segfaults in a process that has imported TensorFlow (a clash of their native libraries)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from bdmtool.trainer.train import load_model
+
+    model, spec, _ = load_model(ckpt)
+    u = spec.unet
+    x = torch.zeros(1, u.in_channels, u.resolution, u.resolution)
+    torch.onnx.export(model, (x, torch.tensor([1.0])), str(path), input_names=["x", "t"], output_names=["eps"],
+                      opset_version=17, dynamo=False)
+    r = subprocess.run([sys.executable, "-m", "onnxsim", str(path), str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"onnxsim failed on {path} (rc={r.returncode}): {r.stderr.strip()[-500:]}")
+    return path
