@@ -40,7 +40,7 @@ def binary_conv(builder: UNetBuilder, rec: dict, x):
     if rec["abits"] == 32:  # W1A32: LCE has no binary-weight / float-activation kernel
         return _float_binary_weight_conv(builder, rec, x)
     if rec["abits"] != 1:
-        raise NotExportableError(f"{name}: {rec['abits']}-bit activations need the bit-plane exporter")
+        return _bitplane_conv(builder, rec, x)
     if rec["act"] not in ("ste_sign", "approx_sign", "rsign", "reste"):
         raise NotExportableError(f"{name}: activation quantizer {rec['act']!r} has no LCE binary form "
                                  "(it is not a +-1 sign; e.g. DoReFa's {0,1} falls back to float ops)")
@@ -113,3 +113,50 @@ def _float_binary_weight_conv(builder: UNetBuilder, rec: dict, x):
     y = layer(x)
     layer.set_weights([kernel.transpose(2, 3, 1, 0)] + ([w.get(f"{name}.bias")] if rec["bias"] else []))
     return y
+
+
+def _bitplane_conv(builder: UNetBuilder, rec: dict, x):
+    """W1A4/W1A8: LSQ activations as +-1 bit planes, one same-zero ``LceBconv2d`` per plane and basis.
+
+    With q = round(clip(x/s, -2^(b-1), 2^(b-1)-1)) and u = q + 2^(b-1) = sum_k 2^k b_k, s_k = 2 b_k - 1:
+    q = sum_k 2^(k-1) s_k - 1/2. The PyTorch layer pads q with Qp = 2^(b-1) - 1, i.e. every plane with +1, so
+    conv(q, W) = sum_k 2^(k-1) conv1(s_k, W) - 1/2 conv1(1, W) with conv1 = LCE 'same-one' padding, and
+    conv1(1, W) = sum(W) per output channel: a constant that joins the bias (folded into the bconv).
+    """
+    name, w = rec["name"], builder.w
+    if rec["lsq_mode"] != "learned":
+        raise NotExportableError(f"{name}: LSQ step '{rec['lsq_mode']}' is computed from each batch at run time; "
+                                 "export needs a learned (constant) step: train with binarize.lsq_step=learned")
+    if rec["act_scale"] != "none" or rec["output_scale"] or rec["post"] != "none" or rec["shortcut"] != "none":
+        raise NotExportableError(f"{name}: K/Gamma/RPReLU/shortcut extras are only exported for 1-bit activations")
+    bits, kn = rec["abits"], keras_name(name)
+    k, s, p = rec["kernel"], rec["stride"], rec["padding"]
+    cout = rec["out_channels"]
+    step = float(w.get(f"{name}.step"))
+    qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    u = _const_op(lambda v: tf.clip_by_value(tf.round(v / step), qn, qp) - qn, f"{kn}__lsq")(x)  # 0..2^b-1
+    padding = "same" if p else "valid"
+    if p and p != (k - 1) // 2:
+        raise NotExportableError(f"{name}: padding {p} with kernel {k} is not 'same'")
+    bases = [(w.get(f"{name}.sign1").astype(np.float32), w.get(f"{name}.scale1", (cout,)))]
+    if rec["two_bases"]:
+        bases.append((w.get(f"{name}.sign2").astype(np.float32), w.get(f"{name}.scale2", (cout,))))
+    planes = [_const_op(lambda v, kk=kk: 2.0 * tf.math.floormod(tf.floor(v / 2.0**kk), 2.0) - 1.0,
+                        f"{kn}__plane{kk}")(u) for kk in range(bits)]
+    terms = []
+    for bi, (sgn, scale) in enumerate(bases):
+        for kk, plane in enumerate(planes):
+            conv = lq.layers.QuantConv2D(cout, k, strides=s, padding=padding, pad_values=1.0 if p else 0.0,
+                                         input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                                         kernel_constraint=None, use_bias=False, name=f"{kn}__b{bi}p{kk}")
+            y = conv(plane)
+            conv.set_weights([sgn.transpose(2, 3, 1, 0)])
+            mult = (step * 2.0 ** (kk - 1) * scale).astype(np.float32)
+            terms.append(_const_op(lambda v, c=mult: v * c, f"{kn}__b{bi}p{kk}__scale")(y))
+    # -1/2 * s * conv1(ones, W_b) = -1/2 * s * sum(W_b) per output channel (+ bias): one constant vector
+    wb = sum(sc[:, None, None, None] * sg for sg, sc in bases).astype(np.float32)
+    const = (-0.5 * step) * wb.sum(axis=(1, 2, 3))
+    if rec["bias"]:
+        const = const + w.get(f"{name}.bias", (cout,))
+    y = keras.layers.Add(name=f"{kn}__planes")(terms) if len(terms) > 1 else terms[0]
+    return _const_op(lambda v, c=const.astype(np.float32): v + c, f"{kn}__const")(y)

@@ -53,7 +53,7 @@ def _layer_of(tensor_name: str, known: list[str] | None = None) -> str | None:
         return None
     seg = parts[1]
     if known:
-        hits = [n for n in known if seg == keras_name(n) or seg.startswith(keras_name(n) + "__")]
+        hits = [n for n in known if seg == keras_name(n) or seg.startswith(keras_name(n) + "__")]  # incl. __b0p3
         return max(hits, key=len) if hits else None
     for suffix in _SUFFIXES:
         if seg.endswith(suffix):

@@ -58,7 +58,8 @@ def test_one_bit_layer_pads_binary_input_with_plus_one_and_matches_manual_conv()
     assert torch.equal(layer(x), manual)
 
 
-def test_multibit_layer_zero_pads_quantized_input():
+def test_multibit_layer_pads_quantized_input_with_top_level():
+    """Multi-bit inputs are padded with Qp * step: every +-1 bit plane padded with +1 (LCE same-one)."""
     cfg = BinarizeConfig.from_method("baseline", abits=4)
     layer, conv = _layer(cfg)
     with torch.no_grad():
@@ -66,7 +67,7 @@ def test_multibit_layer_zero_pads_quantized_input():
     x = torch.randn(2, 8, 6, 6)
     xq = torch.round(torch.clamp(x / 0.25, -8, 7)) * 0.25
     wb = layer.sigma1 * sign(conv.weight)
-    manual = F.conv2d(xq, wb, conv.bias, padding=1)
+    manual = F.conv2d(F.pad(xq, (1, 1, 1, 1), value=7 * 0.25), wb, conv.bias)
     assert torch.allclose(layer(x), manual, atol=1e-6)
 
 
@@ -89,7 +90,8 @@ def test_ebb_stage_switch_changes_output_only_by_the_sigma2_term():
     y1 = layer(x)
     w = layer.weight.detach()
     r = w - layer.sigma1 * sign(w)
-    sigma2_term = F.conv2d(layer.quantize_input(x), layer.sigma2 * sign(r), padding=1)
+    xq = F.pad(layer.quantize_input(x), (1, 1, 1, 1), value=7 * 0.2)  # multi-bit border: Qp * step
+    sigma2_term = F.conv2d(xq, layer.sigma2 * sign(r))
     layer.second_basis.fill_(False)  # stage 2
     y2 = layer(x)
     assert torch.allclose(y1 - y2, sigma2_term, atol=1e-5)
@@ -207,8 +209,9 @@ def test_lsq_per_batch_mode_reproduces_the_official_reinit():
     layer, conv = _layer(cfg)
     x = torch.randn(2, 8, 6, 6) * 3
     s = 2 * x.abs().mean() / (127 ** 0.5)
-    xq = torch.round(torch.clamp(x / s, -128, 127)) * s
-    assert torch.allclose(layer(x), F.conv2d(xq, layer.sigma1 * sign(conv.weight), conv.bias, padding=1), atol=1e-5)
+    xq = F.pad(torch.round(torch.clamp(x / s, -128, 127)) * s, (1, 1, 1, 1), value=float(127 * s))
+    expect = F.conv2d(xq, layer.sigma1 * sign(conv.weight), conv.bias)
+    assert torch.allclose(layer(x), expect, atol=1e-5)
     with torch.no_grad():
         layer.step.fill_(123.0)  # the learned step is ignored in this mode
-    assert torch.allclose(layer(x), F.conv2d(xq, layer.sigma1 * sign(conv.weight), conv.bias, padding=1), atol=1e-5)
+    assert torch.allclose(layer(x), expect, atol=1e-5)

@@ -26,6 +26,7 @@ def _qat(teacher, tmp_path, method, abits=None):
 
 @pytest.mark.parametrize("method", ["bidm", "xnor"])
 def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher, method):
+    """BiDM and an XNOR baseline: every binary layer is one LceBconv2d; parity at every stage."""
     from bdmtool.exporter.inspect_tflite import inspect_model
     from bdmtool.tools.export import export_checkpoint
 
@@ -112,3 +113,20 @@ def test_fp_target_through_onnx2tf(tmp_path, teacher):
     side = json.loads(res.sidecar.read_text())
     assert side["method"] == "fp" and side["bits"] == {"weights": 32, "activations": 32}
     assert sorted(side["tflite_io_order"]["inputs"]) == ["t", "x"]
+
+
+def test_w1a4_bit_planes(tmp_path, teacher):
+    """BinaryDM W1A4: 4 same-one bconvs per layer (after the EBB stage switch), exact against PyTorch."""
+    from bdmtool.exporter.inspect_tflite import inspect_model
+    from bdmtool.tools.export import export_checkpoint
+
+    spec = build_train_spec(method="binarydm", abits=4, teacher=teacher, steps=4,
+                            overrides=[*COMMON, "binarize.ebb_stage2_step=2"])
+    res = export_checkpoint(train(spec, tmp_path / "bdm", progress=False), tmp_path / "e", log=lambda s: None)
+    rep = res.report
+    assert rep["bconv_ops"] == 4 * rep["binary_layers"]
+    assert rep["stages"]["keras_vs_pytorch"] <= 1e-4 and rep["stages"]["tflite_vs_keras"] <= 1e-4
+    inv = inspect_model(res.tflite.read_bytes())
+    pads = {o.options["pad_values"] for o in inv.ops if o.name == "LceBconv2d" and o.options["padding"] == 0}
+    assert pads == {1}  # every 'same' bconv is same-one
+    assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4}

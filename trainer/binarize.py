@@ -8,7 +8,7 @@ holds the latent float weights), so FP weights load before or after the swap.
 One forward of a binary layer (input x, latent weights W)::
 
     x_q = act_quantizer(x)                      # ACT_QUANTIZERS[cfg.act]; sign(0) = +1
-    x_q = pad(x_q, +1) if 1-bit else zero-pad   # what LCE computes: 'same-one' / same-zero bit planes
+    x_q = pad(x_q, +1 if 1-bit else Qp*step)    # what LCE computes: 'same-one' bconvs (on every bit plane)
     y   = conv(x_q, weight_binarizer(W))        # WEIGHT_BINARIZERS[cfg.weight], per-output-channel scale
     y   = y * K(mean_c |x|)                     # XNOR (fixed box filter) / BiDM TBS (learnable k x k conv)
     y   = y * Gamma                             # XNOR++ a_o (x) b_h (x) c_w
@@ -154,12 +154,14 @@ class BinaryConv2d(nn.Module):
             return self.weight_fn(w, o=self.reste_o)
         return self.weight_fn(w)
 
+    def _lsq_step(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.lsq_step == "per_batch":  # official BinaryDM: step = 2 mean|x| / sqrt(Qp) of this batch
+            return (2.0 * x.abs().mean() / math.sqrt(2 ** (self.cfg.abits - 1) - 1)).detach()
+        return self.step
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.step is not None:
-            if self.cfg.lsq_step == "per_batch":  # official BinaryDM: step = 2 mean|x| / sqrt(Qp) of this batch
-                qp = 2 ** (self.cfg.abits - 1) - 1
-                return self.act_fn(x, (2.0 * x.abs().mean() / math.sqrt(qp)).detach(), self.cfg.abits)
-            return self.act_fn(x, self.step, self.cfg.abits)
+            return self.act_fn(x, self._lsq_step(x), self.cfg.abits)
         if self.threshold is not None:
             return self.act_fn(x, self.threshold)
         if self.act_fn.registry_name == "reste":
@@ -180,7 +182,7 @@ class BinaryConv2d(nn.Module):
         if self.is_linear:
             x = x[:, :, None, None]
         if self.step is not None:
-            s = self.step if self.cfg.lsq_step == "learned" else 2.0 * x.abs().mean() / math.sqrt(2 ** (self.cfg.abits - 1) - 1)
+            s = self._lsq_step(x)
             v = x / s
             qn, qp = -(2 ** (self.cfg.abits - 1)), 2 ** (self.cfg.abits - 1) - 1
             inside = (v > qn - 0.5) & (v < qp + 0.5)
@@ -205,7 +207,15 @@ class BinaryConv2d(nn.Module):
         if not bool(self.active):  # progressive binarization: still the original float layer
             return F.conv2d(x, self.weight4d(), self.bias, stride=self.stride, padding=self.padding)
         xq = self.quantize_input(x)
-        y = self._conv(xq, self.binary_weight(), pad_value=1.0 if self.cfg.abits == 1 else 0.0)
+        if self.padding and self.cfg.abits not in (1, 32):
+            # Multi-bit: pad with the top level Qp * step, i.e. every +-1 bit plane padded with +1, which is what
+            # LCE's fast 'same-one' bconvs compute (the constant part then folds into a per-channel bias).
+            p = self.padding
+            border = F.pad(torch.zeros_like(xq[:1, :1]), (p, p, p, p), value=1.0)
+            xq = F.pad(xq, (p, p, p, p)) + border * ((2 ** (self.cfg.abits - 1) - 1) * self._lsq_step(x))
+            y = F.conv2d(xq, self.binary_weight(), stride=self.stride)
+        else:
+            y = self._conv(xq, self.binary_weight(), pad_value=1.0 if self.cfg.abits == 1 else 0.0)
         if self.k_conv is not None:
             y = y * self.k_conv(x.abs().mean(dim=1, keepdim=True))
         if self.gamma_o is not None:
