@@ -72,7 +72,20 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
-class DDIMSampler(Sampler):
+class _SkippingSampler(Sampler):
+    """Samplers that run on an ermongroup timestep subsequence (``uniform`` or ``quad``)."""
+
+    def __init__(self, diffusion: Diffusion, skip: str, clip_x0: bool):
+        super().__init__(diffusion)
+        if skip not in SKIP_TYPES:
+            raise ValueError(f"unknown timestep skip {skip!r}; choose from {list(SKIP_TYPES)}")
+        self.skip, self.clip_x0 = skip, clip_x0
+
+    def set_timesteps(self, n: int) -> None:
+        self._timesteps = ddim_timesteps(self.diffusion.num_timesteps, n, self.skip)[::-1]
+
+
+class DDIMSampler(_SkippingSampler):
     """DDIM (Song et al. 2021), eq. 12 with sigma = eta * sqrt((1-a')/(1-a) * (1-a/a')).
 
     x0 = (x - sqrt(1-a) eps)/sqrt(a);  x' = sqrt(a') x0 + sigma z + sqrt(1 - a' - sigma^2) eps.
@@ -83,15 +96,10 @@ class DDIMSampler(Sampler):
     name = "ddim"
 
     def __init__(self, diffusion: Diffusion, eta: float = 0.0, skip: str = "uniform", clip_x0: bool = False):
-        super().__init__(diffusion)
+        super().__init__(diffusion, skip, clip_x0)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        if skip not in SKIP_TYPES:
-            raise ValueError(f"unknown timestep skip {skip!r}; choose from {list(SKIP_TYPES)}")
-        self.eta, self.skip, self.clip_x0 = eta, skip, clip_x0
-
-    def set_timesteps(self, n: int) -> None:
-        self._timesteps = ddim_timesteps(self.diffusion.num_timesteps, n, self.skip)[::-1]
+        self.eta = eta
 
     def step(self, eps, i, x, generator):
         a, a_prev = float(self.abar[self.timesteps[i]]), self._prev_abar(i)
@@ -106,7 +114,7 @@ class DDIMSampler(Sampler):
         return out
 
 
-class DDPMSampler(Sampler):
+class DDPMSampler(_SkippingSampler):
     """Ancestral sampling (Ho et al. 2020) on a timestep subsequence (every step by default).
 
     Posterior mean from the predicted x0; variance ``fixedlarge`` (beta_t, the CIFAR-10 DDPM setting) or
@@ -117,13 +125,10 @@ class DDPMSampler(Sampler):
 
     def __init__(self, diffusion: Diffusion, var_type: str = "fixedlarge", skip: str = "uniform",
                  clip_x0: bool = False):
-        super().__init__(diffusion)
+        super().__init__(diffusion, skip, clip_x0)
         if var_type not in ("fixedlarge", "fixedsmall"):
             raise ValueError(f"var_type must be 'fixedlarge' or 'fixedsmall', got {var_type!r}")
-        self.var_type, self.skip, self.clip_x0 = var_type, skip, clip_x0
-
-    def set_timesteps(self, n: int) -> None:
-        self._timesteps = ddim_timesteps(self.diffusion.num_timesteps, n, self.skip)[::-1]
+        self.var_type = var_type
 
     def step(self, eps, i, x, generator):
         a, a_prev = float(self.abar[self.timesteps[i]]), self._prev_abar(i)
