@@ -8,12 +8,16 @@ from bdmtool.trainer.diffusion import Diffusion, beta_schedule
 from bdmtool.trainer.samplers import (DDIMSampler, DDPMSampler, ddim_timesteps, make_sampler, sample_loop)
 from bdmtool.trainer.spec import DiffusionConfig
 
-torch.set_default_dtype(torch.float64)
-D = Diffusion(DiffusionConfig())
+D = Diffusion(DiffusionConfig())  # float64 tables
 
 
-def teardown_module():
-    torch.set_default_dtype(torch.float32)
+@pytest.fixture(autouse=True)
+def _float64():
+    """These math checks run in float64; restore the default so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def test_linear_schedule_values():
