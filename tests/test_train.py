@@ -72,6 +72,11 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, micro_overrides):
         assert torch.allclose(a["ema"][k], b["ema"][k], atol=1e-6), k
 
 
+def test_checkpoint_before_first_log_line(tmp_path, micro_overrides):
+    train(_spec(micro_overrides, 2, "train.log_every=10", "train.ckpt_every=1"), tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "model.ckpt")["step"] == 2 and len(read_metrics(tmp_path / "metrics.jsonl")) == 1
+
+
 def test_resume_refuses_a_different_spec(tmp_path, micro_overrides):
     train(_spec(micro_overrides, 2), tmp_path, progress=False)
     with pytest.raises(ValueError, match="different spec"):

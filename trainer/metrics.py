@@ -22,6 +22,9 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Rows of a metrics.jsonl; [] when nothing has been logged yet."""
+    if not Path(path).exists():
+        return []
     rows = []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
