@@ -65,7 +65,7 @@ def _deployable(m: BinaryConv2d) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref: int = 3, seed: int = 0,
+def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref: int = 4, seed: int = 0,
                  use_ema: bool = True, min_margin: float = 3e-6) -> Path:
     from .train import load_model
 
