@@ -51,6 +51,7 @@ def distributed():
         dist.init_process_group("gloo")
         try:
             yield DistEnv(dist.get_rank(), dist.get_world_size())
+            dist.barrier()  # rank 0 may still be writing checkpoints; tearing gloo down under it aborts a peer
         finally:
             dist.destroy_process_group()
     else:
