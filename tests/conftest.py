@@ -37,9 +37,3 @@ def bdmtool_cmd() -> list[str]:
     """How tests run the installed CLI in a subprocess (the same interpreter as pytest)."""
     return [sys.executable, "-m", "bdmtool.tools.cli"]
 
-
-@pytest.fixture
-def env_no_threads():
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
