@@ -171,7 +171,7 @@ class UNetBuilder:
         if self.sites:
             self._valid = keras.Input((1,), batch_size=1, name="cache_valid")
         temb = self.timestep_embedding(t_in)
-        hs = [float_conv(self.w, "conv_in", x_in, 3) if "conv_in" not in self.binary else self.conv("conv_in", x_in, 3)]
+        hs = [self.conv("conv_in", x_in, 3)]
         levels, nrb = len(u["ch_mult"]), u["num_res_blocks"]
         cur = res
         for i in range(levels):

@@ -10,7 +10,6 @@ above tolerance or a binary layer did not become an ``LceBconv2d``. This module 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +95,7 @@ def _expected(ref: dict) -> list[np.ndarray]:
 def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names: list[str] = ("eps",),
             cache_shapes: dict | None = None) -> dict:
     """What an app embedding the model needs to know, as JSON."""
-    from bdmtool.trainer.diffusion import beta_schedule  # torch-free helpers
+    from bdmtool.trainer.schedules import beta_schedule  # numpy only: the exporter never imports torch
     from bdmtool.trainer.spec import DiffusionConfig
 
     spec = meta["spec"]

@@ -131,3 +131,13 @@ def test_w1a4_bit_planes(tmp_path, teacher):
     pads = {o.options["pad_values"] for o in inv.ops if o.name == "LceBconv2d" and o.options["padding"] == 0}
     assert pads == {1}  # every 'same' bconv is same-one
     assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4}
+
+
+def test_exporter_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, bdmtool.exporter.pipeline, bdmtool.exporter.runtime, bdmtool.exporter.inspect_tflite; "
+            "assert 'torch' not in sys.modules, 'exporter pulled in torch'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

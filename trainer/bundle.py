@@ -102,7 +102,7 @@ def reference_inputs(model, spec, n_ref: int, seed: int, min_margin: float, max_
     """Reference inputs for export parity: timesteps spread over [T-1, 0], noise drawn until every binary
     layer's pre-quantization values keep ``min_margin`` from a decision boundary (so float reordering in
     another framework cannot flip a bit). Returns x, t, eps and each sample's margin."""
-    layers = [m for m in binary_layers(model)]
+    layers = binary_layers(model)
     u = spec.unet
     g = torch.Generator().manual_seed(seed)
     ts = torch.linspace(spec.diffusion.timesteps - 1, 0, n_ref).round()

@@ -27,20 +27,18 @@ WEIGHT_BINARIZERS: dict[str, Callable[..., torch.Tensor]] = {}
 ACT_QUANTIZERS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def register_weight(name: str):
-    def deco(fn):
-        WEIGHT_BINARIZERS[name] = fn
-        fn.registry_name = name
-        return fn
-    return deco
+def _registrar(registry: dict[str, Callable[..., torch.Tensor]]):
+    def register(name: str):
+        def deco(fn):
+            registry[name] = fn
+            fn.registry_name = name
+            return fn
+        return deco
+    return register
 
 
-def register_act(name: str):
-    def deco(fn):
-        ACT_QUANTIZERS[name] = fn
-        fn.registry_name = name
-        return fn
-    return deco
+register_weight = _registrar(WEIGHT_BINARIZERS)
+register_act = _registrar(ACT_QUANTIZERS)
 
 
 def get_weight_binarizer(name: str) -> Callable[..., torch.Tensor]:

@@ -199,7 +199,7 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])
         temb = self.temb(t)
         hs = [self.conv_in(x)]
-        for i, level in enumerate(self.down):
+        for level in self.down:
             for j, block in enumerate(level.block):
                 h = block(hs[-1], temb)
                 if len(level.attn):
