@@ -42,7 +42,7 @@ class ModelInventory:
 _SUFFIXES = ("__scale", "__kmul", "__gamma", "__bias", "__rprelu", "__sc_add", "__threshold")
 
 
-def _layer_of(tensor_name: str, known: list[str] | None = None) -> str | None:
+def layer_of(tensor_name: str, known: list[str] | None = None) -> str | None:
     """``u/down__0__block__0__conv1__scale/mul;...`` -> ``down.0.block.0.conv1``.
 
     TFLite keeps at most ~50 characters of a tensor name, so with ``known`` layer names the longest one
@@ -94,13 +94,13 @@ def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInven
             binary_buffers.add(sg.Tensors(rec._input_ids[1]).Buffer())  # type: ignore[attr-defined]
             # The output carries the layer's name (its per-channel scale is fused into the bconv); the input
             # may not: layers reading the same tensor (attention q, k, v) share one LceQuantize.
-            layer = _layer_of(rec.outputs[0], layer_names) or _layer_of(rec.inputs[0], layer_names)
+            layer = layer_of(rec.outputs[0], layer_names) or layer_of(rec.inputs[0], layer_names)
             if layer:
                 bconv_layers[layer] += 1
         elif rec.name in ("CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "DEPTHWISE_CONV_2D"):
             src = producers.get(rec._input_ids[0])  # type: ignore[attr-defined]
             if src is not None and src.name == "LceDequantize":
-                fallbacks.append(_layer_of(rec.inputs[0], layer_names) or rec.outputs[0])
+                fallbacks.append(layer_of(rec.inputs[0], layer_names) or rec.outputs[0])
     binary_bytes = float_bytes = 0
     for b in range(m.BuffersLength()):
         size = m.Buffers(b).DataLength()

@@ -128,9 +128,10 @@ def demo(out, n, steps, seed, qat_steps, qat_batch):
 
 @cli.command()
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
-@click.option("--target", type=click.Choice(["lce", "fp", "keras-fp"]), default="lce", show_default=True,
+@click.option("--target", type=click.Choice(["lce", "fp", "keras-fp", "convs"]), default="lce", show_default=True,
               help="lce: Keras/Larq rebuild -> LCE .tflite with binary kernels; fp: the FP model (or a binarized "
-                   "checkpoint's teacher) via ONNX -> onnx2tf; keras-fp: the Keras rebuild with every layer float.")
+                   "checkpoint's teacher) via ONNX -> onnx2tf; keras-fp: the Keras rebuild with every layer float; "
+                   "convs: one binary + one FP micro-model per conv shape (OUT/convs/, for `bdmtool bench --convs`).")
 @click.option("--out", type=click.Path(file_okay=False), default="export", show_default=True)
 @click.option("--name", default=None, help="Base name of the .tflite and its sidecar .json [default: METHOD_w1aBITS].")
 @click.option("--tol", type=float, default=1e-4, show_default=True, help="Max |d eps| allowed between stages.")
@@ -140,6 +141,8 @@ def export(ckpt, target, out, name, tol):
     from bdmtool.tools.export import export_checkpoint
 
     result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, log=click.echo)
+    if target == "convs":
+        return
     click.echo(f"wrote {result.tflite} ({result.report['file_bytes'] / 1024:.1f} KiB) and {result.sidecar}")
 
 
@@ -153,6 +156,46 @@ def inspect_(tflite):
     from bdmtool.exporter.inspect_tflite import format_inventory, inspect_model
 
     click.echo(format_inventory(inspect_model(_P(tflite).read_bytes())))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="FP .tflite to compare against.")
+@click.option("--convs", type=click.Path(), default=None,
+              help="Micro-model folder from `bdmtool export CKPT --target convs` (times every conv alone).")
+@click.option("--device", default="local", show_default=True, help="local (this machine, LCE interpreter) or adb:SERIAL.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per repetition.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Warm-up runs per repetition.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Repetitions (median and spread over them).")
+@click.option("--cooldown", type=float, default=0.0, show_default=True, help="Seconds to rest between repetitions.")
+@click.option("--no-pin", is_flag=True, help="Phone: do not pin to the highest-frequency cores with taskset.")
+@click.option("--no-xnnpack", is_flag=True, help="Run float ops without XNNPACK (per-op float timings on a phone).")
+@click.option("--benchmark-binary", type=click.Path(dir_okay=False), default=None,
+              help="lce_benchmark_model for the phone's ABI [default: $BDMTOOL_LCE_BENCHMARK].")
+@click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="A.json B.json", help="Print the difference of two results.json files and exit.")
+@_friendly
+def bench(model, baseline, convs, device, out, threads, runs, warmup, repeats, cooldown, no_pin, no_xnnpack,
+          benchmark_binary, compare):
+    """Time MODEL (binary .tflite) against --baseline and every conv (--convs) on a phone or this host."""
+    from bdmtool.android_bench import results
+    from bdmtool.android_bench.adb import DeviceError
+    from bdmtool.android_bench.bench import run_bench
+    from bdmtool.android_bench.options import BenchOptions
+
+    if compare:
+        click.echo(results.compare(results.load(compare[0]), results.load(compare[1])), nl=False)
+        return
+    opts = BenchOptions(threads=threads, runs=runs, warmup_runs=warmup, repeats=repeats, cooldown_s=cooldown,
+                        pin_big_cores=not no_pin, xnnpack=not no_xnnpack)
+    try:
+        res = run_bench(model, baseline, device, out, opts, convs=convs, benchmark_binary=benchmark_binary,
+                        log=click.echo)
+    except DeviceError as e:
+        raise _UserError(f"{e} (measurements so far: {Path(out) / 'results.json'})") from None
+    click.echo(results.markdown(res), nl=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -10,6 +10,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
                       tol: float = 1e-4, log: Callable[[str], None] = print):
     from bdmtool.trainer.bundle import write_bundle
 
+    if target == "convs":
+        return export_convs(ckpt, out, log=log)
     if target == "fp":
         ckpt = fp_source(ckpt)
     bundle = write_bundle(ckpt, Path(out) / "bundle")
@@ -58,3 +60,30 @@ def write_onnx(ckpt: str | Path, path: Path) -> Path:
     if r.returncode != 0:
         raise RuntimeError(f"onnxsim failed on {path} (rc={r.returncode}): {r.stderr.strip()[-500:]}")
     return path
+
+
+def model_layers(ckpt: str | Path | None = None, preset: str | None = None, method: str | None = None) -> list[dict]:
+    """Layer shapes of a checkpoint's network, or of a preset (random weights, binarized by ``method``)."""
+    from bdmtool.trainer.layers import unet_layer_shapes
+    from bdmtool.trainer.spec import BinarizeConfig, TrainSpec, UNetConfig
+    from bdmtool.trainer.train import build_model, load_model
+
+    if ckpt is not None:
+        model, spec, _ = load_model(ckpt)
+    else:
+        spec = TrainSpec(unet=UNetConfig.from_name(preset),
+                         binarize=BinarizeConfig.from_method(method) if method else None,
+                         teacher="(random weights)" if method else "")
+        model = build_model(spec)
+    return [r.to_dict() for r in unet_layer_shapes(model, spec.unet)]
+
+
+def export_convs(ckpt: str | Path | None, out: str | Path, preset: str | None = None, method: str | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """One binary + one FP micro-model per distinct conv shape of the network (``--target convs``)."""
+    from bdmtool.exporter.microconv import write_conv_models
+
+    layers = model_layers(ckpt, preset, method)
+    index = write_conv_models(layers, Path(out) / "convs", log=log)
+    log(f"[convs] {len(layers)} layers -> {index}")
+    return index
