@@ -50,8 +50,9 @@ def _is_binary(path: Path) -> bool:
 
 
 def run_bench(model: str | Path | None, baseline: str | Path | None, device: str, out_dir: str | Path,
-              opts: BenchOptions = BenchOptions(), convs: str | Path | None = None,
+              opts: BenchOptions | None = None, convs: str | Path | None = None,
               benchmark_binary: str | None = None, log=print) -> dict:
+    opts = opts or BenchOptions()
     out = Path(out_dir)
     paths = {role: Path(p) for role, p in (("binary", model), ("baseline", baseline)) if p}
     for role, p in paths.items():

@@ -134,9 +134,8 @@ def parse_profile_tables(text: str, sep: str = "\t") -> tuple[list[OpRow], dict[
 
 
 def parse_benchmark_output(text: str) -> BenchmarkOutput:
-    m = None
-    for m in _SUMMARY.finditer(text):
-        pass  # the last summary line wins (a tool prints one per benchmark)
+    found = list(_SUMMARY.finditer(text))
+    m = found[-1] if found else None  # the last summary line wins (a tool prints one per benchmark)
     if m is None:
         tail = " | ".join(text.strip().splitlines()[-3:])
         raise BenchmarkParseError("no 'Inference timings in us' line in the benchmark output (did the run "

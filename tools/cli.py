@@ -146,6 +146,57 @@ def export(ckpt, target, out, name, tol):
     click.echo(f"wrote {result.tflite} ({result.report['file_bytes'] / 1024:.1f} KiB) and {result.sidecar}")
 
 
+@cli.command(name="eval")
+@click.argument("source", type=click.Path(exists=True), default=str(DEFAULT_CKPT))
+@click.option("--ref", "reference", default=None,
+              help="Reference data: mnist5k | digits | cifar10:DIR | folder:DIR | npz:FILE [default: the checkpoint's data].")
+@click.option("--ref-limit", type=int, default=None, help="Use only the first N reference images.")
+@click.option("--out", type=click.Path(file_okay=False), default="eval", show_default=True)
+@click.option("--n", type=int, default=1000, show_default=True, help="Samples to generate (checkpoint / .tflite).")
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--eta", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--kid", "with_kid", is_flag=True, help="Also compute KID.")
+@click.option("--inception-is-weights", type=click.Path(), default=None,
+              help="Classic Inception weights with the classifier head, needed for the Inception Score.")
+@_friendly
+def eval_(source, reference, ref_limit, out, n, steps, eta, seed, batch_size, with_kid, inception_is_weights):
+    """FID, sFID, precision/recall of SOURCE: a checkpoint, a .tflite, an .npz of samples or an image folder."""
+    from bdmtool.tools.evaluate import evaluate
+    from bdmtool.trainer.sampling import SampleOptions
+
+    opts = SampleOptions(n=n, steps=steps, eta=eta, seed=seed, batch_size=batch_size)
+    evaluate(source, out, opts, reference=reference, ref_limit=ref_limit, with_kid=with_kid,
+             inception_is_weights=inception_is_weights, log=click.echo)
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False), required=False)
+@click.option("--preset", default=None, help="tiny | tiny-rgb | cifar10 (pixel U-Net) or ldm4-bedrooms | ldm8-churches | "
+              "ldm8-txt2img (LDM U-Net), instead of CKPT.")
+@click.option("--wbits", type=click.Choice(["1", "2", "4", "8", "32"]), default="1", show_default=True)
+@click.option("--abits", type=click.Choice(["1", "2", "4", "8", "32"]), default="4", show_default=True)
+@click.option("--method", default="binarydm", show_default=True, help="Which layers stay FP (the method's rule).")
+@click.option("--attention-matmuls", is_flag=True, help="Count attention QK^T/AV as FP FLOPs (the papers do not).")
+@click.option("--elementwise", is_flag=True, help="Count norm+activation, quantized-output scales and softmax as FLOPs.")
+@click.option("--count-scales", is_flag=True, help="Count per-channel scales of quantized layers in the size.")
+@click.option("--per-layer", is_flag=True, help="Print every layer.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write JSON + stacked-bar PNG here.")
+@_friendly
+def ops(ckpt, preset, wbits, abits, method, attention_matmuls, elementwise, count_scales, per_layer, out):
+    """Size, BOPs and OPs (BinaryDM Eq. 16-17) of CKPT or --preset at --wbits/--abits, per layer and total."""
+    from bdmtool.tools.ops import account
+    from bdmtool.trainer.ops import OpsConvention, format_table
+
+    conv = OpsConvention(attention_matmuls=attention_matmuls, elementwise=elementwise, count_scales=count_scales)
+    res = account(ckpt, preset, int(wbits), int(abits), method, conv, out)
+    click.echo(f"{res['model']}  (FP layers: {', '.join(res['fp_patterns']) or 'all'})")
+    click.echo(format_table(res, per_layer=per_layer))
+    if out:
+        click.echo(f"wrote {res['files']['json']} and {res['files']['png']}")
+
+
 @cli.command(name="inspect")
 @click.argument("tflite", type=click.Path(exists=True, dir_okay=False))
 @_friendly

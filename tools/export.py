@@ -65,13 +65,14 @@ def write_onnx(ckpt: str | Path, path: Path) -> Path:
 def model_layers(ckpt: str | Path | None = None, preset: str | None = None, method: str | None = None) -> list[dict]:
     """Layer shapes of a checkpoint's network, or of a preset (random weights, binarized by ``method``)."""
     from bdmtool.trainer.layers import unet_layer_shapes
-    from bdmtool.trainer.spec import BinarizeConfig, TrainSpec, UNetConfig
+    from bdmtool.trainer.spec import BinarizeConfig, DataConfig, TrainSpec, UNetConfig
     from bdmtool.trainer.train import build_model, load_model
 
     if ckpt is not None:
         model, spec, _ = load_model(ckpt)
     else:
-        spec = TrainSpec(unet=UNetConfig.from_name(preset),
+        unet = UNetConfig.from_name(preset)
+        spec = TrainSpec(unet=unet, data=DataConfig(channels=unet.in_channels, resolution=unet.resolution),
                          binarize=BinarizeConfig.from_method(method) if method else None,
                          teacher="(random weights)" if method else "")
         model = build_model(spec)

@@ -57,13 +57,16 @@ def layer_shapes(model: nn.Module, *inputs: torch.Tensor) -> list[LayerShape]:
             if isinstance(mod, BinaryConv2d):
                 k, s, p, cin, cout = mod.kernel_size, mod.stride, mod.padding, mod.in_channels, mod.out_channels
                 binary, abits = bool(mod.active), mod.cfg.abits
-            elif isinstance(mod, nn.Conv2d):
+            elif isinstance(mod, (nn.Conv2d, nn.Conv1d)):
                 k, s, p = mod.kernel_size[0], mod.stride[0], mod.padding[0]
                 cin, cout, binary, abits = mod.in_channels, mod.out_channels, False, 32
             else:
                 k, s, p, cin, cout, binary, abits = 1, 1, 0, mod.in_features, mod.out_features, False, 32
-            linear = x.dim() != 4
-            h, w = (1, 1) if linear else (x.shape[-2], x.shape[-1])
+            linear = isinstance(mod, nn.Linear) or (isinstance(mod, BinaryConv2d) and mod.is_linear)
+            if isinstance(mod, nn.Conv1d):  # a 1x1 Conv1d over L positions = a 1x1 conv on an L x 1 map
+                h, w = x.shape[-1], 1
+            else:
+                h, w = (1, 1) if linear else (x.shape[-2], x.shape[-1])
             tokens = int(x[0].numel() // x.shape[-1]) if linear else 1
             records.append(LayerShape(name, int(h), int(w), int(cin), int(cout), int(k), int(s), int(p),
                                       binary, int(abits), tokens))
@@ -72,7 +75,7 @@ def layer_shapes(model: nn.Module, *inputs: torch.Tensor) -> list[LayerShape]:
     for name, m in model.named_modules():
         if id(m) in skip:
             continue
-        if isinstance(m, (BinaryConv2d, nn.Conv2d, nn.Linear)):
+        if isinstance(m, (BinaryConv2d, nn.Conv2d, nn.Conv1d, nn.Linear)):
             hooks.append(m.register_forward_pre_hook(hook_for(name, m)))
     try:
         with torch.no_grad():

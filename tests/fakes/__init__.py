@@ -26,7 +26,7 @@ def install_fake_adb(root: Path, devices: dict[str, dict], **faults) -> dict:
     state = root / "adb_state"
     (state / "bin").mkdir(parents=True)
     (state / "fs" / "data" / "local" / "tmp").mkdir(parents=True)
-    for serial, d in devices.items():
+    for d in devices.values():
         for i, f in enumerate(d.get("cpu_max_freq", [])):
             p = state / "fs" / "sys" / "devices" / "system" / "cpu" / f"cpu{i}" / "cpufreq"
             p.mkdir(parents=True, exist_ok=True)

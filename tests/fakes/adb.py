@@ -81,7 +81,6 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 1
     serial = serial or next(iter(cfg["devices"]))
-    dev = cfg["devices"][serial]
     if argv[0] == "push":
         src, dst = argv[1], argv[2]
         target = fs_path(dst)
