@@ -64,8 +64,9 @@ class TFLiteDenoiser(Denoiser):
         from .inspect_tflite import inspect_model
 
         inv = inspect_model(fb)
-        names = [d["name"] for d in inv.inputs]
-        shapes = {d["name"]: tuple(d["shape"]) for d in inv.inputs}
+        # onnx2tf names inputs 'serving_default_x:0'; the Keras/LCE exports name them 'x', 't', ...
+        names = [d["name"].replace("serving_default_", "").split(":")[0] for d in inv.inputs]
+        shapes = {n: tuple(d["shape"]) for n, d in zip(names, inv.inputs)}
         self.interp = Interpreter(fb, num_threads=threads, use_indirect_bgemm=True)
         super().__init__(names, shapes, output_names or ["eps"])
 
@@ -78,6 +79,6 @@ class TFLiteDenoiser(Denoiser):
         return cls(path.read_bytes(), json.loads(side.read_text())["tflite_io_order"]["outputs"], threads)
 
     def _run(self, feeds):  # noqa: D401 - TFLite input order is the flatbuffer's, fed by name
-        out = self.interp.predict([feeds[n] for n in self.input_names] if len(self.input_names) > 1
-                                  else feeds[self.input_names[0]])
+        args = [feeds[n].reshape(self.input_shapes[n]) for n in self.input_names]  # t: [1, 1] or [1]
+        out = self.interp.predict(args if len(args) > 1 else args[0])
         return list(out) if isinstance(out, list) else [out]

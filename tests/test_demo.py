@@ -1,8 +1,19 @@
-"""The demo runs end to end on the embedded model with a minimal budget, and re-running reuses its stages."""
+"""The demo end to end on the embedded model with a minimal budget: every artefact, numbers that match
+the stages' JSON, stage reuse, and the report rendered by headless Chromium without broken images."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
 
-from bdmtool.tools.demo import EMBEDDED_FP, run_demo
+import pytest
+
+from bdmtool.tools.demo import EMBEDDED_FP, DemoBudget, run_demo
+from bdmtool.tools.report import table_rows
+
+pytestmark = pytest.mark.slow
+MINIMAL = DemoBudget(qat_steps=2, qat_batch=4, n_samples=6, n_reference=20, steps=3, bench_runs=2)
 
 
 def test_embedded_checkpoint_is_small_and_loads():
@@ -13,18 +24,74 @@ def test_embedded_checkpoint_is_small_and_loads():
     assert spec.unet.ch == 32 and spec.data.source == "mnist5k" and ckpt["optimizer"] is None
 
 
-def test_demo_minimal_budget_then_reuse(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
     logs = []
-    result = run_demo(tmp_path, n_samples=4, steps=3, qat_steps=2, qat_batch=4, log=logs.append)
-    assert set(result.summaries) == {"fp_samples", "qat_binarydm_w1a4", "qat_bidm_w1a1"}
-    report = (tmp_path / "report.md").read_text()
-    for name, summary in result.summaries.items():
-        assert (tmp_path / summary["grid"]).stat().st_size > 100
-        done = json.loads((tmp_path / name / "done.json").read_text())
-        assert done["summary"] == summary
-        assert summary["grid"] in report
-        if "final_loss" in summary:
-            assert f"{summary['final_loss']:.4f}" in report and (tmp_path / summary["loss_png"]).exists()
-    logs.clear()
-    run_demo(tmp_path, n_samples=4, steps=3, qat_steps=2, qat_batch=4, log=logs.append)
-    assert sum("already done" in line for line in logs) == 3
+    return out, run_demo(out, MINIMAL, log=logs.append), logs
+
+
+def test_demo_artefacts_and_numbers_match_the_json(demo):
+    out, result, _ = demo
+    s = result.summaries
+    assert {"fp", "qat_binarydm_w1a4", "qat_bidm_w1a1", "export_fp", "export_binarydm_w1a4", "export_bidm_w1a1",
+            "bench_host", "ops"} <= set(s)
+    for name in [k for k in s if k != "ops"]:
+        done = json.loads((out / name / "done.json").read_text())
+        assert done["summary"] == s[name]
+        if "grid" in s[name]:
+            assert (out / s[name]["grid"]).stat().st_size > 100
+    for tag in ("fp", "binarydm_w1a4", "bidm_w1a1"):
+        assert (out / f"export_{tag}" / f"{tag}.tflite").is_file() and (out / f"export_{tag}" / f"{tag}.json").is_file()
+    assert s["export_bidm_w1a1"]["bconv_ops"] > 0 and s["export_fp"]["bconv_ops"] == 0
+    assert (out / s["bench_host"]["convs"]["chart"]).stat().st_size > 5000
+    # The FP model sampled through onnx2tf's .tflite gives the PyTorch images.
+    assert s["export_fp"]["metrics"]["fid"] == pytest.approx(s["fp"]["metrics"]["fid"], rel=1e-3)
+
+    md, page = (out / "report.md").read_text(), (out / "index.html").read_text()
+    rows = table_rows(s)
+    assert [r["model"] for r in rows] == ["FP (embedded)", "BinaryDM", "BiDM"]
+    for r, (qat, exp) in zip(rows, [("fp", "export_fp"), ("qat_binarydm_w1a4", "export_binarydm_w1a4"),
+                                    ("qat_bidm_w1a1", "export_bidm_w1a1")]):
+        assert r["fid_torch"] == s[qat]["metrics"]["fid"] and r["fid_tflite"] == s[exp]["metrics"]["fid"]
+        for text in (md, page):
+            assert f"{r['fid_torch']:.1f}" in text and f"{r['tflite_kib']:.0f}" in text
+    bench = json.loads((out / s["bench_host"]["models"]["bidm_w1a1"]["results"]).read_text())
+    assert rows[2]["host_ms"] == bench["models"]["binary"]["latency"]["median_ms"]
+    assert f"{bench['speedup']:.2f}x" in md
+    assert "bdmtool train --method bidm" in md and "torch" in md
+
+
+def test_demo_rerun_reuses_every_stage(demo):
+    out, result, _ = demo
+    logs = []
+    again = run_demo(out, MINIMAL, log=logs.append)
+    assert sum("already done" in line for line in logs) == 7
+    assert again.summaries["qat_bidm_w1a1"] == result.summaries["qat_bidm_w1a1"]
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(demo, tmp_path):
+    out, _, _ = demo
+    exe = _chromium()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: ./run test installs Debian's chromium on CI")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path}/p"]
+    r = subprocess.run([*args, "--dump-dom", (out / "index.html").as_uri()], capture_output=True, text=True,
+                       timeout=120)
+    broken = re.search(r'data-broken-images="(\d+)"', r.stdout)
+    assert broken is not None, r.stderr[-1000:]
+    assert broken.group(1) == "0"
+    shot = tmp_path / "report.png"
+    subprocess.run([*args, "--window-size=1280,1800", f"--screenshot={shot}", (out / "index.html").as_uri()],
+                   capture_output=True, text=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1280, 1800)
+        assert len(set(im.convert("L").resize((64, 90)).getdata())) > 20  # not a blank page

@@ -113,17 +113,27 @@ def import_(src, out, resolution, dropout):
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="report", show_default=True)
-@click.option("--n", type=int, default=64, show_default=True, help="Samples per model.")
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--qat-steps", type=int, default=200, show_default=True, help="QAT steps per binarized model (the budget).")
-@click.option("--qat-batch", type=int, default=32, show_default=True)
+@click.option("--budget", type=float, default=1.0, show_default=True,
+              help="Scale QAT steps and sample counts (1 = about 15 min on 2 cores; 4 = longer, better students).")
+@click.option("--n", type=int, default=None, help="Samples per model for grids and FID [default: 128 x budget].")
+@click.option("--steps", type=int, default=None, help="DDIM steps [default: 50].")
+@click.option("--seed", type=int, default=None, help="Sampling seed [default: 0].")
+@click.option("--qat-steps", type=int, default=None, help="QAT steps per binarized model [default: 200 x budget].")
+@click.option("--qat-batch", type=int, default=None, help="QAT batch size [default: 16].")
+@click.option("--device", default=None, help="Also benchmark on a phone: adb:SERIAL (needs --benchmark-binary).")
+@click.option("--benchmark-binary", type=click.Path(dir_okay=False), default=None,
+              help="lce_benchmark_model for the phone [default: $BDMTOOL_LCE_BENCHMARK].")
 @_friendly
-def demo(out, n, steps, seed, qat_steps, qat_batch):
-    """Run the whole product on the embedded default model and write OUT/report.md (stages are reused)."""
-    from bdmtool.tools.demo import run_demo
+def demo(out, budget, n, steps, seed, qat_steps, qat_batch, device, benchmark_binary):
+    """Run the whole product on the embedded default model; writes OUT/index.html and OUT/report.md (stages are reused)."""
+    import dataclasses
 
-    run_demo(out, n_samples=n, steps=steps, seed=seed, qat_steps=qat_steps, qat_batch=qat_batch, log=click.echo)
+    from bdmtool.tools.demo import DemoBudget, run_demo
+
+    b = DemoBudget().scaled(budget)
+    given = {"n_samples": n, "steps": steps, "seed": seed, "qat_steps": qat_steps, "qat_batch": qat_batch}
+    b = dataclasses.replace(b, **{k: v for k, v in given.items() if v is not None})
+    run_demo(out, b, device=device, benchmark_binary=benchmark_binary, log=click.echo)
 
 
 @cli.command()

@@ -1,7 +1,15 @@
 """``bdmtool demo``: the product end to end on the embedded default model, as resumable stages.
 
-Each stage writes its outputs under ``OUT/<stage>/`` and a ``done.json`` recording its parameters;
-a re-run skips every stage whose ``done.json`` matches, so an interrupted demo continues where it stopped.
+Stages (each writes ``OUT/<stage>/`` and a ``done.json`` with its parameters; a re-run skips every stage
+whose ``done.json`` matches, so an interrupted demo continues where it stopped):
+
+1. ``fp``: DDIM samples of the embedded FP model + FID against MNIST-5k;
+2. ``qat_binarydm_w1a4``, ``qat_bidm_w1a1``: QAT from the embedded teacher, samples, FID;
+3. ``export_*``: the FP model through ONNX -> onnx2tf, the binarized ones to LCE ``.tflite`` (op inventory and
+   parity verified by the exporter), then the same DDIM sampling through the LCE interpreter, and its FID;
+4. ``bench``: host latency of every ``.tflite`` (android_bench host path) and of every conv alone; and with
+   ``device='adb:SERIAL'`` the same on a phone;
+5. the report: ``OUT/index.html`` and ``OUT/report.md`` built from the stages' JSON.
 """
 
 from __future__ import annotations
@@ -11,12 +19,32 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bdmtool
 
 EMBEDDED_FP = Path(bdmtool.ASSETS) / "tiny_mnist_fp.ckpt"
+QAT_RUNS = (("binarydm", 4, "BinaryDM W1A4"), ("bidm", 1, "BiDM W1A1"))
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """What the demo spends; ``scaled(k)`` multiplies the QAT steps and sample counts (``--budget k``)."""
+
+    qat_steps: int = 200
+    qat_batch: int = 16
+    n_samples: int = 128  # per model, for the grids and FID (PyTorch and .tflite alike)
+    n_reference: int = 1000  # MNIST-5k images for the FID reference statistics
+    steps: int = 50  # DDIM steps
+    seed: int = 0
+    bench_runs: int = 10
+
+    def scaled(self, k: float) -> "DemoBudget":
+        if k <= 0:
+            raise ValueError(f"--budget must be > 0, got {k}")
+        return DemoBudget(max(1, round(self.qat_steps * k)), self.qat_batch, max(4, round(self.n_samples * k)),
+                          min(5000, max(16, round(self.n_reference * k))), self.steps, self.seed, self.bench_runs)
 
 
 @dataclass
@@ -45,49 +73,72 @@ def _run_stage(stage: Stage, out: Path, log: Callable[[str], None]) -> dict:
     t0 = time.perf_counter()
     summary = stage.run(folder)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    marker.write_text(json.dumps({"params": stage.params, "summary": summary}, indent=2))
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"params": stage.params, "summary": summary}, indent=2))
+    tmp.replace(marker)
     log(f"[{stage.name}] done in {summary['seconds']} s")
     return summary
 
 
 def _environment() -> dict:
+    import larq_compute_engine
     import numpy
+    import tensorflow
     import torch
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
-            "bdmtool": bdmtool.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    from bdmtool.android_bench.host import host_info
+
+    return {"python": sys.version.split()[0], "bdmtool": bdmtool.__version__, "torch": torch.__version__,
+            "tensorflow": tensorflow.__version__, "larq-compute-engine": larq_compute_engine.__version__,
+            "numpy": numpy.__version__, "cpu": host_info()["cpu"], "machine": platform.machine(),
+            "torch threads": torch.get_num_threads()}
 
 
-QAT_RUNS = (("binarydm", 4, "BinaryDM W1A4"), ("bidm", 1, "BiDM W1A1"))
-
-
-def run_demo(out: str | Path = "report", n_samples: int = 64, steps: int = 50, seed: int = 0,
-             qat_steps: int = 200, qat_batch: int = 32, log: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo's stages into ``out`` and write ``out/report.md``.
-
-    Stages: FP samples of the embedded model; for BinaryDM W1A4 and BiDM W1A1 a ``qat_steps``-step QAT
-    from the embedded teacher (the trainer resumes an interrupted run) and its samples.
-    """
+def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), device: str | None = None,
+             benchmark_binary: str | None = None, log: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage into ``out`` and write ``out/index.html`` + ``out/report.md``."""
+    from bdmtool.android_bench.bench import run_bench
+    from bdmtool.android_bench.options import BenchOptions
+    from bdmtool.tools.export import export_checkpoint, export_convs
+    from bdmtool.tools.sample_tflite import sample_tflite
+    from bdmtool.trainer import fid
+    from bdmtool.trainer.data import load_images, load_npz
     from bdmtool.trainer.metrics import read_metrics
     from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
-    from bdmtool.trainer.spec import build_train_spec
+    from bdmtool.trainer.spec import DataConfig, build_train_spec
     from bdmtool.trainer.train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    opts = SampleOptions(n=n_samples, steps=steps, seed=seed)
-    sample_cmd = f"--n {n_samples} --steps {steps} --seed {seed}"
+    b = budget
+    opts = SampleOptions(n=b.n_samples, steps=b.steps, seed=b.seed, batch_size=min(b.n_samples, 128))
+    sample_args = f"--n {b.n_samples} --steps {b.steps} --seed {b.seed}"
+    ref_cache: dict = {}
 
-    def fp_samples(folder: Path) -> dict:
+    def reference():
+        if "ref" not in ref_cache:
+            images = load_images(DataConfig(source="mnist5k", limit=b.n_reference))
+            ref_cache["ref"] = fid.reference_stats(images, {"reference": "mnist5k", "resolution": 32, "channels": 1,
+                                                            "limit": b.n_reference}, out / ".cache")
+        return ref_cache["ref"]
+
+    def score(npz: Path) -> dict:
+        m = fid.compare(load_npz(str(npz)), reference())
+        return {k: m[k] for k in ("fid", "sfid", "precision", "recall", "n_samples", "n_reference")}
+
+    eval_cmd = f"bdmtool eval {{src}} --ref mnist5k --ref-limit {b.n_reference} {sample_args}"
+
+    def fp_stage(folder: Path) -> dict:
         png, npz = sample_checkpoint(EMBEDDED_FP, folder / "samples", opts)
-        return {"label": "FP (embedded)", "bits": "W32A32", "grid": str(png.relative_to(out)),
-                "command": f"bdmtool sample {sample_cmd} --out samples"}
+        return {"label": "FP (embedded)", "bits": "W32A32", "ckpt": str(EMBEDDED_FP), "grid": str(png.relative_to(out)),
+                "metrics": score(npz), "command": f"bdmtool sample {sample_args} --out samples && "
+                                                  + eval_cmd.format(src="bdmtool/assets/tiny_mnist_fp.ckpt")}
 
-    def qat(method: str, abits: int, label: str):
+    def qat_stage(method: str, abits: int, label: str):
         def run(folder: Path) -> dict:
-            overrides = [f"train.batch_size={qat_batch}", "train.log_every=10", f"train.ckpt_every={max(qat_steps // 4, 1)}"]
-            spec = build_train_spec(method=method, abits=abits, teacher=str(EMBEDDED_FP), steps=qat_steps,
+            overrides = [f"train.batch_size={b.qat_batch}", "train.log_every=10",
+                         f"train.ckpt_every={max(b.qat_steps // 4, 1)}"]
+            spec = build_train_spec(method=method, abits=abits, teacher=str(EMBEDDED_FP), steps=b.qat_steps,
                                     overrides=overrides)
             t0 = time.perf_counter()
             ckpt = train(spec, folder / "run")
@@ -95,37 +146,90 @@ def run_demo(out: str | Path = "report", n_samples: int = 64, steps: int = 50, s
             png, npz = sample_checkpoint(ckpt, folder / "samples", opts)
             rows = read_metrics(folder / "run" / "metrics.jsonl")
             sets = " ".join(f"--set {o}" for o in overrides)
-            return {"label": label, "bits": f"W1A{abits}", "grid": str(png.relative_to(out)),
-                    "loss_png": str((folder / "run" / "loss.png").relative_to(out)),
-                    "final_loss": rows[-1]["loss"], "train_seconds": round(train_s, 1), "steps": qat_steps,
-                    "command": (f"bdmtool train --method {method} --abits {abits} --steps {qat_steps} {sets} "
-                                f"--out run && bdmtool sample run/model.ckpt {sample_cmd} --out samples")}
+            return {"label": label, "bits": f"W1A{abits}", "ckpt": str(ckpt), "grid": str(png.relative_to(out)),
+                    "loss_png": str((folder / "run" / "loss.png").relative_to(out)), "metrics": score(npz),
+                    "final_loss": rows[-1]["loss"], "train_seconds": round(train_s, 1), "steps": b.qat_steps,
+                    "command": (f"bdmtool train --method {method} --abits {abits} --steps {b.qat_steps} {sets} "
+                                f"--out run && " + eval_cmd.format(src="run/model.ckpt"))}
         return run
 
-    stages = [Stage("fp_samples", {"ckpt": EMBEDDED_FP.name, **opts.__dict__}, fp_samples)]
+    def export_stage(source: str, target: str, name: str):
+        def run(folder: Path) -> dict:
+            res = export_checkpoint(source, folder, target=target, name=name, log=log)
+            t0 = time.perf_counter()
+            png, npz = sample_tflite(res.tflite, folder / "samples", opts)
+            rep = res.report
+            return {"tflite": str(res.tflite), "file_bytes": rep["file_bytes"], "bconv_ops": rep["bconv_ops"],
+                    "binary_param_bytes": rep["binary_param_bytes"], "float_param_bytes": rep["float_param_bytes"],
+                    "parity": rep["stages"], "grid": str(png.relative_to(out)), "metrics": score(npz),
+                    "tflite_sampling_seconds": round(time.perf_counter() - t0, 1),
+                    "command": (f"bdmtool export CKPT --target {target} --name {name} --out export && "
+                                f"bdmtool sample --tflite export/{name}.tflite {sample_args} --out samples")}
+        return run
+
+    stages = [Stage("fp", {"budget": asdict(b)}, fp_stage)]
     for method, abits, label in QAT_RUNS:
-        stages.append(Stage(f"qat_{method}_w1a{abits}", {"steps": qat_steps, "batch": qat_batch, **opts.__dict__},
-                            qat(method, abits, label)))
+        stages.append(Stage(f"qat_{method}_w1a{abits}", {"budget": asdict(b)}, qat_stage(method, abits, label)))
     result = DemoResult(out)
     for st in stages:
         result.summaries[st.name] = _run_stage(st, out, log)
-    _write_report(result, _environment())
-    log(f"report: {out / 'report.md'}")
+
+    exports = [Stage("export_fp", {"budget": asdict(b)}, export_stage(str(EMBEDDED_FP), "fp", "fp"))]
+    for method, abits, _ in QAT_RUNS:
+        ckpt = result.summaries[f"qat_{method}_w1a{abits}"]["ckpt"]
+        exports.append(Stage(f"export_{method}_w1a{abits}", {"budget": asdict(b), "ckpt": ckpt},
+                             export_stage(ckpt, "lce", f"{method}_w1a{abits}")))
+    for st in exports:
+        result.summaries[st.name] = _run_stage(st, out, log)
+
+    def bench_stage(dev: str):
+        def run(folder: Path) -> dict:
+            bopts = BenchOptions(runs=b.bench_runs, repeats=3, warmup_runs=3)
+            fp_tfl = result.summaries["export_fp"]["tflite"]
+            summary = {"device": dev, "models": {}}
+            for method, abits, label in QAT_RUNS:
+                tag = f"{method}_w1a{abits}"
+                res = run_bench(result.summaries[f"export_{tag}"]["tflite"], fp_tfl, dev, folder / tag, bopts,
+                                benchmark_binary=benchmark_binary, log=log)
+                summary["models"][tag] = {"label": label, "binary_ms": res["models"]["binary"]["latency"]["median_ms"],
+                                          "fp_ms": res["models"]["baseline"]["latency"]["median_ms"],
+                                          "speedup": res["speedup"], "target": res["target"]["label"],
+                                          "results": str((folder / tag / "results.json").relative_to(out))}
+            index = export_convs(result.summaries["qat_bidm_w1a1"]["ckpt"], folder, log=lambda s: None)
+            res = run_bench(None, None, dev, folder / "convs_bench", bopts, convs=index,
+                            benchmark_binary=benchmark_binary, log=log)
+            sel = [c for c in res["convs"] if c["binary_in_model"]]
+            summary["convs"] = {"chart": str((folder / "convs_bench" / "convs.png").relative_to(out)),
+                                "table": str((folder / "convs_bench" / "results.md").relative_to(out)),
+                                "layers": len(res["convs"]), "binary_layers": len(sel),
+                                "fp_ms": sum(c["fp"]["median_ms"] for c in sel),
+                                "binary_ms": sum(c["binary"]["median_ms"] for c in sel)}
+            summary["command"] = (f"bdmtool bench export/bidm_w1a1.tflite --baseline export/fp.tflite --device {dev} && "
+                                  f"bdmtool export CKPT --target convs --out x && "
+                                  f"bdmtool bench --convs x/convs --device {dev}")
+            return summary
+        return run
+
+    devices = ["local"] + ([device] if device else [])
+    for dev in devices:
+        name = "bench_host" if dev == "local" else "bench_" + dev.replace(":", "_")
+        params = {"budget": asdict(b), "exports": [result.summaries[k]["tflite"] for k in result.summaries
+                                                   if k.startswith("export_")]}
+        result.summaries[name] = _run_stage(Stage(name, params, bench_stage(dev)), out, log)
+
+    result.summaries["ops"] = _ops_summary()
+    from .report import write_report
+
+    write_report(result.out, result.summaries, _environment(), asdict(b))
+    log(f"report: {out / 'index.html'} (and report.md)")
     return result
 
 
-def _write_report(result: DemoResult, env: dict) -> None:
-    rows = list(result.summaries.values())
-    lines = ["# bdmtool demo report", "",
-             "Tiny U-Net (1.52 M parameters) on MNIST-5k 32x32: the embedded full-precision model and binarized",
-             "students trained from it by quantization-aware training. DDIM samples, same seed for every model.", "",
-             "| model | bits | QAT steps | QAT time (s) | final loss | samples |", "|---|---|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['bits']} | {r.get('steps', '-')} | {r.get('train_seconds', '-')} | "
-                     f"{r['final_loss']:.4f} | ![]({r['grid']}) |" if "final_loss" in r else
-                     f"| {r['label']} | {r['bits']} | - | - | - | ![]({r['grid']}) |")
-    lines += ["", "## Training loss", ""]
-    lines += [f"**{r['label']}**: ![loss]({r['loss_png']})" for r in rows if "loss_png" in r]
-    lines += ["", "## Reproduce", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows]
-    lines += ["", "## Environment", "", *[f"- {k}: {v}" for k, v in env.items()], ""]
-    (result.out / "report.md").write_text("\n".join(lines))
+def _ops_summary() -> dict:
+    """Theoretical size / OPs of each demo model (the accountant, tiny preset)."""
+    from bdmtool.tools.ops import account
+
+    rows = {"fp": account(preset="tiny", wbits=32, abits=32)}
+    for method, abits, _ in QAT_RUNS:
+        rows[f"{method}_w1a{abits}"] = account(preset="tiny", wbits=1, abits=abits, method=method)
+    return {k: {"size_mib": v["size_mib"], "gops": v["ops"] / 1e9} for k, v in rows.items()}

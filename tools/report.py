@@ -1,0 +1,112 @@
+"""The demo report: ``index.html`` (for people) and ``report.md`` (for diffs), from the stages' summaries.
+
+Every number in the report is read from a stage's JSON (``<stage>/done.json``); nothing is computed here.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+MODELS = (("fp", "export_fp", "FP (embedded)", "W32A32"),
+          ("qat_binarydm_w1a4", "export_binarydm_w1a4", "BinaryDM", "W1A4"),
+          ("qat_bidm_w1a1", "export_bidm_w1a1", "BiDM", "W1A1"))
+
+
+def table_rows(s: dict) -> list[dict]:
+    """One row per model with every number the report shows (also used by the tests)."""
+    bench = s.get("bench_host", {}).get("models", {})
+    ops = s.get("ops", {})
+    rows = []
+    for qat, exp, label, bits in MODELS:
+        tag = exp.removeprefix("export_")
+        b = bench.get(tag, {})
+        fp_ms = next(iter(bench.values()), {}).get("fp_ms")
+        rows.append({
+            "model": label, "bits": bits,
+            "tflite_kib": s[exp]["file_bytes"] / 1024, "bconv_ops": s[exp]["bconv_ops"],
+            "theory_mib": ops.get(tag, {}).get("size_mib"), "gops": ops.get(tag, {}).get("gops"),
+            "fid_torch": s[qat]["metrics"]["fid"], "fid_tflite": s[exp]["metrics"]["fid"],
+            "sfid_torch": s[qat]["metrics"]["sfid"], "precision": s[qat]["metrics"]["precision"],
+            "recall": s[qat]["metrics"]["recall"],
+            "host_ms": b.get("binary_ms", fp_ms if tag == "fp" else None),
+            "speedup": b.get("speedup", 1.0 if tag == "fp" else None)})
+    return rows
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+HEADER = ["model", "bits", ".tflite (KiB)", "LceBconv2d", "size, theory (MiB)", "GOPs", "FID PyTorch", "FID .tflite",
+          "sFID", "precision", "recall", "host latency (ms)", "speedup vs FP (host)"]
+
+
+def _cells(r: dict) -> list[str]:
+    return [r["model"], r["bits"], _f(r["tflite_kib"], ".0f"), str(r["bconv_ops"]), _f(r["theory_mib"], ".2f"),
+            _f(r["gops"], ".3f"), _f(r["fid_torch"], ".1f"), _f(r["fid_tflite"], ".1f"), _f(r["sfid_torch"], ".1f"),
+            _f(r["precision"], ".2f"), _f(r["recall"], ".2f"), _f(r["host_ms"], ".2f"), _f(r["speedup"], ".2f") + "x"]
+
+
+def write_report(out: Path, s: dict, env: dict, budget: dict) -> tuple[Path, Path]:
+    rows = table_rows(s)
+    n, nref = s["fp"]["metrics"]["n_samples"], s["fp"]["metrics"]["n_reference"]
+    intro = (f"Tiny U-Net (1.52 M parameters) on MNIST-5k 32x32: the embedded full-precision model and two binarized "
+             f"students trained from it by {budget['qat_steps']}-step QAT (batch {budget['qat_batch']}). "
+             f"DDIM {budget['steps']} steps, seed {budget['seed']}, the same initial noise for every model. "
+             f"FID/sFID/precision/recall: {n} samples vs {nref} MNIST-5k images (small-sample FID is biased "
+             f"upwards; compare rows, not papers). Latencies are x86 host numbers through the LCE Python "
+             f"interpreter, not a phone: LCE's optimized binary kernels are ARM code.")
+    conv = s.get("bench_host", {}).get("convs", {})
+    conv_line = (f"Per-convolution micro-models ({conv.get('layers')} layers of the BiDM model, "
+                 f"{conv.get('binary_layers')} binary in the model): sum of FP {conv.get('fp_ms', 0):.2f} ms vs "
+                 f"binary {conv.get('binary_ms', 0):.2f} ms on this host.") if conv else ""
+    parity = {label: ", ".join(f"{k} {v:.1e}" for k, v in s[exp]["parity"].items()) for _, exp, label, _ in MODELS}
+    commands = [(s[k].get("label", k), s[k]["command"]) for k in s if isinstance(s[k], dict) and "command" in s[k]]
+
+    md = ["# bdmtool demo report", "", intro, "", "| " + " | ".join(HEADER) + " |",
+          "|" + "---|" * len(HEADER)]
+    md += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    md += ["", "## Samples (PyTorch | .tflite in the LCE interpreter)", ""]
+    for qat, exp, label, bits in MODELS:
+        md.append(f"**{label} {bits}**: ![]({s[qat]['grid']}) ![]({s[exp]['grid']})")
+    if conv:
+        md += ["", "## Per-convolution latency (host)", "", conv_line, "", f"![]({conv['chart']})",
+               f"Table: [{conv['table']}]({conv['table']})"]
+    md += ["", "## Training loss", ""] + [f"**{s[q]['label']}**: ![]({s[q]['loss_png']})" for q, *_ in MODELS[1:]]
+    md += ["", "## Export parity (max |d eps|)", ""] + [f"- {k}: {v}" for k, v in parity.items()]
+    md += ["", "## Reproduce", ""] + [f"- {k}: `{c}`" for k, c in commands]
+    md += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()] + [""]
+    (out / "report.md").write_text("\n".join(md))
+
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in _cells(r)) + "</tr>" for r in rows)
+    grids = "".join(
+        f"<figure><figcaption>{e(label)} {bits}</figcaption><div class=pair>"
+        f"<div><img src='{e(s[q]['grid'])}' alt='{e(label)} PyTorch samples'><span>PyTorch</span></div>"
+        f"<div><img src='{e(s[x]['grid'])}' alt='{e(label)} tflite samples'><span>.tflite (LCE)</span></div>"
+        f"</div></figure>" for q, x, label, bits in MODELS)
+    losses = "".join(f"<figure><figcaption>{e(s[q]['label'])}</figcaption><img class=plot src='{e(s[q]['loss_png'])}' "
+                     f"alt='loss curve'></figure>" for q, *_ in MODELS[1:])
+    conv_html = (f"<h2>Per-convolution latency (host)</h2><p>{e(conv_line)}</p><img class=wide src='{e(conv['chart'])}' "
+                 f"alt='per-conv latency chart'>") if conv else ""
+    page = f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>bdmtool demo report</title>
+<style>body{{font:14px/1.45 system-ui,sans-serif;max-width:1200px;margin:24px auto;padding:0 16px;color:#222}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}.grids{{display:flex;gap:24px;flex-wrap:wrap}}
+.pair{{display:flex;gap:8px}}.pair div{{text-align:center}}.pair span{{display:block;color:#666;font-size:12px}}
+img{{image-rendering:pixelated}}.pair img{{width:260px}}img.plot{{max-width:560px;image-rendering:auto}}img.wide{{max-width:100%;image-rendering:auto}}
+figure{{margin:0}}figcaption{{font-weight:600;margin-bottom:4px}}code{{background:#f6f6f6;padding:1px 4px}}</style>
+</head><body><h1>bdmtool demo report</h1><p>{e(intro)}</p>
+<table><tr>{head}</tr>{body}</table>
+<h2>Samples, same seed: PyTorch vs .tflite</h2><div class=grids>{grids}</div>
+{conv_html}<h2>Training loss</h2><div class=grids>{losses}</div>
+<h2>Export parity (max |&Delta;&epsilon;| per stage)</h2><ul>{"".join(f"<li>{e(k)}: {e(str(v))}</li>" for k, v in parity.items())}</ul>
+<h2>Reproduce</h2><ul>{"".join(f"<li>{e(k)}: <code>{e(c)}</code></li>" for k, c in commands)}</ul>
+<h2>Environment</h2><ul>{"".join(f"<li>{e(k)}: {e(str(v))}</li>" for k, v in env.items())}</ul>
+<script>window.addEventListener("load", () => {{ document.body.dataset.brokenImages =
+  [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length; }});</script>
+</body></html>"""
+    (out / "index.html").write_text(page)
+    return out / "index.html", out / "report.md"
