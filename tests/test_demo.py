@@ -47,6 +47,11 @@ def test_demo_artefacts_and_numbers_match_the_json(demo):
     assert (out / s["bench_host"]["convs"]["chart"]).stat().st_size > 5000
     # The FP model sampled through onnx2tf's .tflite gives the PyTorch images.
     assert s["export_fp"]["metrics"]["fid"] == pytest.approx(s["fp"]["metrics"]["fid"], rel=1e-3)
+    import numpy as np
+
+    torch_px = np.load(out / "fp" / "samples.npz")["arr_0"].astype(int)
+    tfl_px = np.load(out / "export_fp" / "samples.npz")["arr_0"].astype(int)
+    assert torch_px.shape == tfl_px.shape and np.abs(torch_px - tfl_px).max() <= 2  # same seed, same images
 
     md, page = (out / "report.md").read_text(), (out / "index.html").read_text()
     rows = table_rows(s)

@@ -115,7 +115,7 @@ def import_(src, out, resolution, dropout):
 @click.option("--out", type=click.Path(file_okay=False), default="report", show_default=True)
 @click.option("--budget", type=float, default=1.0, show_default=True,
               help="Scale QAT steps and sample counts (1 = about 15 min on 2 cores; 4 = longer, better students).")
-@click.option("--n", type=int, default=None, help="Samples per model for grids and FID [default: 128 x budget].")
+@click.option("--n", type=int, default=None, help="Samples per model for grids and FID [default: 64 x budget].")
 @click.option("--steps", type=int, default=None, help="DDIM steps [default: 50].")
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: 0].")
 @click.option("--qat-steps", type=int, default=None, help="QAT steps per binarized model [default: 200 x budget].")

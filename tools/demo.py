@@ -34,8 +34,8 @@ class DemoBudget:
 
     qat_steps: int = 200
     qat_batch: int = 16
-    n_samples: int = 128  # per model, for the grids and FID (PyTorch and .tflite alike)
-    n_reference: int = 1000  # MNIST-5k images for the FID reference statistics
+    n_samples: int = 64  # per model, for the grids and FID (PyTorch and .tflite alike)
+    n_reference: int = 500  # MNIST-5k images for the FID reference statistics
     steps: int = 50  # DDIM steps
     seed: int = 0
     bench_runs: int = 10

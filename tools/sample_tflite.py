@@ -2,45 +2,84 @@
 
 Uses the same initial noise as ``bdmtool sample`` for the same seed (so the grids are comparable) and
 the sidecar's schedule; one image at a time (exported models have batch 1), resetting the BiDM cache
-at the start of each image's run.
+at the start of each image's run. Images are independent, so chunks of them run in ``workers``
+processes (LCE's fast x86 bconv kernel is single-threaded); with eta > 0 each image draws its step noise
+from its own generator (seeded by ``seed`` and its index), so the result does not depend on ``workers``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+CHUNK = 8
 
-def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1) -> tuple[Path, Path]:
+
+def _sample_range(tflite: str, start: int, stop: int, opts, threads: int = 1) -> np.ndarray:
+    import bdmtool  # noqa: F401  (TF_USE_LEGACY_KERAS in a spawned worker)
     from bdmtool.exporter.runtime import TFLiteDenoiser
     from bdmtool.trainer.data import from_model_range
     from bdmtool.trainer.diffusion import Diffusion
-    from bdmtool.trainer.sampling import initial_noise, write_samples
+    from bdmtool.trainer.sampling import initial_noise
     from bdmtool.trainer.samplers import make_sampler, sample_loop
     from bdmtool.trainer.spec import DiffusionConfig
 
-    tflite = Path(tflite)
     den = TFLiteDenoiser.from_file(tflite, threads=threads)
-    side = json.loads(tflite.with_suffix(".json").read_text())
+    side = json.loads(Path(tflite).with_suffix(".json").read_text())
     sch = side["schedule"]
     diffusion = Diffusion(DiffusionConfig(schedule=sch["name"], beta_start=sch["beta_start"],
                                           beta_end=sch["beta_end"], timesteps=sch["timesteps"]))
     _, h, w, c = side["inputs"][0]["shape"]
     sampler = make_sampler(opts.sampler, diffusion, eta=opts.eta, skip=opts.skip, clip_x0=opts.clip_x0)
     sampler.set_timesteps(opts.steps)
-    x_T, g = initial_noise(opts.n, (c, h, w), opts.seed)
+    x_T, _ = initial_noise(opts.n, (c, h, w), opts.seed)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         e = den.step(x.numpy().transpose(0, 2, 3, 1), float(t[0]))
         return torch.from_numpy(np.ascontiguousarray(e.transpose(0, 3, 1, 2)))
 
     images = []
-    for i in tqdm(range(opts.n), desc=f"sampling {tflite.name}"):
+    for i in range(start, stop):
+        g = torch.Generator().manual_seed(opts.seed * 1_000_003 + i)
         x = sample_loop(eps_fn, sampler, x_T[i:i + 1], g, on_start=den.reset)
         images.append(from_model_range(x.clamp(-1, 1).numpy()))
-    meta = {"tflite": str(tflite), "method": side["method"], "bits": side["bits"], **opts.__dict__}
-    return write_samples(np.concatenate(images), out, meta)
+    return np.concatenate(images)
+
+
+def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
+                  workers: int | None = None) -> tuple[Path, Path]:
+    from bdmtool.trainer.sampling import write_samples
+
+    tflite = Path(tflite)
+    side_path = tflite.with_suffix(".json")
+    if not side_path.exists():
+        raise FileNotFoundError(f"{side_path} (the sidecar written by `bdmtool export`) is needed to run {tflite.name}")
+    side = json.loads(side_path.read_text())
+    chunks = [(s, min(s + CHUNK, opts.n)) for s in range(0, opts.n, CHUNK)]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(chunks)))
+    parts: dict[int, np.ndarray] = {}
+    bar = tqdm(total=opts.n, desc=f"sampling {tflite.name} ({workers} process{'es' if workers > 1 else ''})",
+               unit="img")
+    if workers == 1:
+        for s, e in chunks:
+            parts[s] = _sample_range(str(tflite), s, e, opts, threads)
+            bar.update(e - s)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futs = {pool.submit(_sample_range, str(tflite), s, e, opts, threads): (s, e) for s, e in chunks}
+            for f in as_completed(futs):
+                s, e = futs[f]
+                parts[s] = f.result()
+                bar.update(e - s)
+    bar.close()
+    images = np.concatenate([parts[s] for s, _ in chunks])
+    meta = {"tflite": str(tflite), "method": side["method"], "bits": side["bits"], "workers": workers,
+            **opts.__dict__}
+    return write_samples(images, out, meta)
