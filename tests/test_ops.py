@@ -71,6 +71,26 @@ def test_ldm4_bedrooms_architecture_matches_the_released_checkpoint(ldm4):
     assert out.shape == (1, 3, 64, 64)
 
 
+def test_ldm_autoencoders_match_the_released_parameter_counts():
+    from bdmtool.trainer.ldm_autoencoder import Autoencoder, AutoencoderConfig
+
+    vq = Autoencoder(AutoencoderConfig.from_name("vq-f4"))
+    assert sum(p.numel() for p in vq.encoder.parameters()) == 22_337_411  # 22.34 M
+    assert sum(p.numel() for p in vq.decoder.parameters()) == 32_960_771  # 32.96 M
+    assert vq.quantize.embedding.weight.shape == (8192, 3)
+    kl = Autoencoder(AutoencoderConfig.from_name("kl-f8"))
+    assert sum(p.numel() for p in kl.parameters()) == 83_653_863
+    small = Autoencoder(AutoencoderConfig.from_dict({"resolution": 32, "ch": 32, "ch_mult": [1, 2], "n_embed": 16}))
+    x = torch.randn(2, 3, 32, 32)
+    z = small.encode(x)
+    assert z.shape == (2, 3, 16, 16)
+    codes = small.quantize.embedding.weight
+    assert torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 3), codes).min(dim=1).values.max() < 1e-5  # on the codebook
+    assert small(x).shape == x.shape
+    r = count(small, (x[:1],))
+    assert r["params"] == sum(p.numel() for p in small.parameters()) and r["macs"] > 0
+
+
 @pytest.mark.parametrize("wbits,abits,size,ops,size_tol,ops_tol,conv", [
     (32, 32, 1045.4, 96.0, 0.01, 0.01, OpsConvention()),
     (4, 4, 134.9, 24.3, 0.01, 0.011, OpsConvention()),       # Q-Diffusion / EfficientDM row

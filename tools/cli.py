@@ -183,8 +183,8 @@ def eval_(source, reference, ref_limit, out, n, steps, eta, seed, batch_size, wi
 
 @cli.command()
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False), required=False)
-@click.option("--preset", default=None, help="tiny | tiny-rgb | cifar10 (pixel U-Net) or ldm4-bedrooms | ldm8-churches | "
-              "ldm8-txt2img (LDM U-Net), instead of CKPT.")
+@click.option("--preset", default=None, help="tiny | tiny-rgb | cifar10 (pixel U-Net), ldm4-bedrooms | ldm8-churches | "
+              "ldm8-txt2img (LDM U-Net) or vq-f4 | kl-f8 (LDM autoencoders), instead of CKPT.")
 @click.option("--wbits", type=click.Choice(["1", "2", "4", "8", "32"]), default="1", show_default=True)
 @click.option("--abits", type=click.Choice(["1", "2", "4", "8", "32"]), default="4", show_default=True)
 @click.option("--method", default="binarydm", show_default=True, help="Which layers stay FP (the method's rule).")

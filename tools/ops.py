@@ -1,4 +1,4 @@
-"""``bdmtool ops``: size / BOPs / OPs of a checkpoint or a preset (pixel U-Net or LDM U-Net) at given bits."""
+"""``bdmtool ops``: size / BOPs / OPs of a checkpoint or a preset (pixel U-Net, LDM U-Net, LDM autoencoder)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 def account(ckpt: str | Path | None = None, preset: str | None = None, wbits: int = 1, abits: int = 4,
             method: str = "binarydm", convention=None, out: str | Path | None = None) -> dict:
+    from bdmtool.trainer.ldm_autoencoder import Autoencoder, AutoencoderConfig
     from bdmtool.trainer.ldm_unet import LDMUNet, LDMUNetConfig
     from bdmtool.trainer.ops import LDM_FP_PATTERNS, OpsConvention, count, plot_blocks, write_json
     from bdmtool.trainer.spec import UNET_PRESETS, BinarizeConfig, UNetConfig
@@ -31,6 +32,11 @@ def account(ckpt: str | Path | None = None, preset: str | None = None, wbits: in
         fp_patterns = LDM_FP_PATTERNS.get(method, LDM_FP_PATTERNS["binarydm"])
         inputs = model.example_inputs()
         name = preset
+    elif preset in AutoencoderConfig.PRESETS:
+        model = Autoencoder(AutoencoderConfig.from_name(preset))
+        fp_patterns = ("encoder.conv_in", "decoder.conv_out")
+        inputs = model.example_inputs()
+        name = preset
     elif preset in UNET_PRESETS:
         cfg = UNetConfig.from_name(preset)
         model = UNet(cfg)
@@ -39,7 +45,7 @@ def account(ckpt: str | Path | None = None, preset: str | None = None, wbits: in
         name = preset
     else:
         raise ValueError(f"give a checkpoint or --preset: one of {sorted(UNET_PRESETS)} (pixel U-Net) or "
-                         f"{sorted(LDMUNetConfig.PRESETS)} (LDM U-Net)")
+                         f"{sorted(LDMUNetConfig.PRESETS)} (LDM U-Net) or {sorted(AutoencoderConfig.PRESETS)} (LDM autoencoders)")
     result = count(model, inputs, wbits, abits, fp_patterns, convention)
     result["model"] = name
     if out is not None:

@@ -42,20 +42,21 @@ def _norm(ch: int, cfg: UNetConfig) -> nn.GroupNorm:
 class ResnetBlock(nn.Module):
     """GN -> SiLU -> conv1 -> (+ temb_proj(SiLU(temb))) -> GN -> SiLU -> dropout -> conv2, plus a shortcut."""
 
-    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig):
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, temb: bool = True):
         super().__init__()
         self.norm1 = _norm(in_ch, cfg)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.temb_proj = nn.Linear(cfg.temb_ch, out_ch)
+        self.temb_proj = nn.Linear(cfg.temb_ch, out_ch) if temb else None  # None: LDM autoencoders
         self.norm2 = _norm(out_ch, cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         # 1x1 "network-in-network" shortcut when the channel count changes (pesser: nin_shortcut).
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        if self.temb_proj is not None:
+            h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.nin_shortcut(x) + h
 
