@@ -21,13 +21,18 @@ from .inspect_tflite import inspect_model, max_abs, verify_binary_layers
 from .runtime import KerasDenoiser, TFLiteDenoiser
 
 
-class ParityError(RuntimeError):
-    """A stage's outputs differ from the previous stage's by more than the tolerance."""
+class ParityError(ValueError):
+    """A stage's outputs differ from the previous stage's by more than the tolerance (shown as a one-line
+    error by the CLI: the export is refused, the files of the failed stage are left for inspection)."""
 
 
 # Two float implementations of the same graph agree to a few 1e-6 before quantization; a reference input
 # whose every pre-quantization value stays this far from a decision boundary must quantize identically.
 CERTIFY_MARGIN = 3e-6
+# 8-bit activations have 255 decision boundaries per value: the ~1e-6 float differences between frameworks flip
+# a few levels on almost every input (no input certifies), each flip moving eps by ~1e-2. The gate for W1A8
+# is therefore this looser bound on every input (measured: 0.04-0.05 max |d eps| on the tiny preset).
+A8_TOL = 0.1
 
 
 def _gate(stage: str, errors: list[float], margins: list[float], tol: float, report: dict, log) -> None:
@@ -139,7 +144,7 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
     }
 
 
-def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float = 1e-4,
+def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float | None = None,
                target: str = "lce", log=print) -> ExportResult:
     """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files."""
     import larq_compute_engine as lce
@@ -151,6 +156,10 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = meta["spec"].get("binarize")
+    if tol is None:  # default: 1e-4, or A8_TOL for 8-bit activations
+        tol = A8_TOL if target == "lce" and b and b["abits"] == 8 else 1e-4
+        if tol == A8_TOL:
+            log(f"[lce] W1A8: parity tolerance {A8_TOL} (8-bit levels flip on ~1e-6 float differences; see A8_TOL)")
     name = name or (f"{b['method']}_w1a{b['abits']}" if b else "fp")
     if target == "keras-fp" and meta["binary_layers"]:
         meta = {**meta, "binary_layers": []}  # the same Keras rebuild, every layer float (cross-check)

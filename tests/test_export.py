@@ -133,6 +133,27 @@ def test_w1a4_bit_planes(tmp_path, teacher):
     assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4}
 
 
+def test_w1a8_bit_planes_with_the_a8_tolerance(tmp_path, teacher):
+    """W1A8: 8 bconvs per layer; ~1e-6 float differences flip some of the 255 levels, so parity is held to
+    A8_TOL on every input (and a failure is a one-line CLI error, not a traceback)."""
+    import subprocess
+
+    from conftest import bdmtool_cmd
+    from bdmtool.exporter.pipeline import A8_TOL
+    from bdmtool.tools.export import export_checkpoint
+
+    spec = build_train_spec(method="binarydm", abits=8, teacher=teacher, steps=4,
+                            overrides=[*COMMON, "binarize.ebb_stage2_step=2"])
+    ckpt = train(spec, tmp_path / "bdm8", progress=False)
+    res = export_checkpoint(ckpt, tmp_path / "e", log=lambda s: None)
+    assert res.report["bconv_ops"] == 8 * res.report["binary_layers"]
+    assert res.report["stages"]["tflite_vs_pytorch"] <= A8_TOL
+    r = subprocess.run([*bdmtool_cmd(), "export", str(ckpt), "--out", str(tmp_path / "e2"), "--tol", "1e-12"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1  # an impossible tolerance fails as one line naming the stage
+    assert "Traceback" not in r.stderr and "Error: keras_vs_pytorch" in r.stderr
+
+
 def test_exporter_imports_without_torch():
     import subprocess
     import sys
