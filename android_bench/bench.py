@@ -46,7 +46,11 @@ def _layers_from_ops(ops: list[dict]) -> dict[str, float]:
 def _is_binary(path: Path) -> bool:
     from bdmtool.exporter.inspect_tflite import inspect_model
 
-    return inspect_model(path.read_bytes()).histogram.get("LceBconv2d", 0) > 0
+    try:
+        return inspect_model(path.read_bytes()).histogram.get("LceBconv2d", 0) > 0
+    except Exception as e:  # flatbuffers raise assorted errors on foreign bytes
+        raise ValueError(f"{path} is not a readable .tflite flatbuffer; pass a file written by "
+                         "`bdmtool export`") from None
 
 
 def run_bench(model: str | Path | None, baseline: str | Path | None, device: str, out_dir: str | Path,

@@ -260,3 +260,12 @@ def test_faults_are_one_line_errors_and_keep_measurements(models, tmp_path):
 def test_bench_options_are_validated():
     with pytest.raises(ValueError, match="runs must be >= 1"):
         BenchOptions(runs=0)
+
+
+def test_a_file_that_is_not_a_model_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "notes.tflite"
+    bad.write_text("not a model")
+    r = subprocess.run([*bdmtool_cmd(), "bench", str(bad), "--out", str(tmp_path / "b")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "is not a readable .tflite flatbuffer" in r.stderr
