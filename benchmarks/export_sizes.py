@@ -44,7 +44,8 @@ def main() -> None:
     rows.append(("fp", a.fp_target, fp.report, time.perf_counter() - t0, None))
     for m in a.methods.split(","):
         spec = build_train_spec(method=m, teacher=str(fp_ckpt), steps=1,
-                                overrides=["train.batch_size=2", "data.limit=8", "binarize.ebb_stage2_step=0"])
+                                overrides=["train.batch_size=2", "data.limit=8", "binarize.ebb_stage2_step=0",
+                                           "binarize.progressive=none"])  # every layer binary at once
         ckpt = train(spec, tmp / f"qat_{m}", progress=False)
         model, _, _ = load_model(ckpt)
         n_bin = sum(layer.weight.numel() for layer in binary_layers(model))

@@ -7,6 +7,7 @@ layer with no ``LceBconv2d``); ``verify_binary_layers`` turns that into an error
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ def layer_of(tensor_name: str, known: list[str] | None = None) -> str | None:
     for suffix in _SUFFIXES:
         if seg.endswith(suffix):
             seg = seg[: -len(suffix)]
+    seg = re.sub(r"__b\d+p\d+$", "", seg)  # the bit planes of one W1A4/W1A8 layer
     return torch_name(seg)
 
 
