@@ -48,7 +48,7 @@ def _is_binary(path: Path) -> bool:
 
     try:
         return inspect_model(path.read_bytes()).histogram.get("LceBconv2d", 0) > 0
-    except Exception as e:  # flatbuffers raise assorted errors on foreign bytes
+    except Exception:  # flatbuffers raise assorted errors on foreign bytes
         raise ValueError(f"{path} is not a readable .tflite flatbuffer; pass a file written by "
                          "`bdmtool export`") from None
 
