@@ -7,13 +7,14 @@ Errors are ``DeviceError``: one line naming the device, the step and what to do.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..files import file_sha256
 
 REMOTE_DIR = "/data/local/tmp/bdmtool"
 
@@ -28,14 +29,6 @@ _STATE_FIX = {
 
 class DeviceError(RuntimeError):
     """A device-side failure, e.g. ``[adb:R58M] push lce_benchmark_model: no space left``."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def remote_command(argv: list[str]) -> str:
@@ -159,7 +152,7 @@ class AdbDevice:
 
     def push(self, local: str | os.PathLike, remote: str) -> bool:
         """Push unless the remote file has the same sha256; returns True when bytes were sent."""
-        if self.remote_sha256(remote) == sha256_file(local):
+        if self.remote_sha256(remote) == file_sha256(local):
             return False
         r = self._run(["push", str(local), remote], f"push {Path(local).name}")
         if r.returncode != 0:

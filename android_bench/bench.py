@@ -14,7 +14,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import results as R
-from .adb import DeviceError, sha256_file
+from ..files import file_sha256
+from .adb import DeviceError
 from .options import BenchOptions
 
 
@@ -82,7 +83,7 @@ def run_bench(model: str | Path | None, baseline: str | Path | None, device: str
         for role, p in paths.items():
             log(f"[bench] {role}: {p.name} on {res['target']['label']}")
             m = runner.measure(p, binary=_is_binary(p))
-            m.update(path=str(p), sha256=sha256_file(p), size_bytes=p.stat().st_size)
+            m.update(path=str(p), sha256=file_sha256(p), size_bytes=p.stat().st_size)
             if m.get("ops"):
                 m["layers"] = _layers_from_ops(m["ops"])
             res["models"][role] = m

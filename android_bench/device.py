@@ -13,7 +13,8 @@ import os
 import time
 from pathlib import Path
 
-from .adb import REMOTE_DIR, AdbDevice, DeviceError, sha256_file
+from ..files import file_sha256
+from .adb import REMOTE_DIR, AdbDevice, DeviceError
 from .options import BenchOptions, summarize
 from .parse import BenchmarkParseError, parse_benchmark_output
 
@@ -59,7 +60,7 @@ class DeviceRunner:
     def info(self) -> dict:
         return {"kind": "adb", "label": f"{self.props.get('model', '?')} ({self.props.get('soc', '?')})",
                 "serial": self.dev.serial, **self.props, "cpu_mask": self.mask,
-                "benchmark_binary": {"path": str(self.binary), "sha256": sha256_file(self.binary)}}
+                "benchmark_binary": {"path": str(self.binary), "sha256": file_sha256(self.binary)}}
 
     def prepare(self, files: list[Path]) -> None:
         self.props = self.dev.properties()

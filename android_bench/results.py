@@ -116,6 +116,10 @@ def chart(results: dict, path: str | Path) -> Path | None:
     return path
 
 
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def compare(a: dict, b: dict) -> str:
     """Markdown diff of two results files: whole-model medians and per-shape speedups, B relative to A."""
     lines = [f"A: {a['target']['label']}  vs  B: {b['target']['label']}", "",
@@ -125,7 +129,7 @@ def compare(a: dict, b: dict) -> str:
         va = ma["latency"]["median_ms"] if ma else None
         vb = mb["latency"]["median_ms"] if mb else None
         ratio = f"{vb / va:.2f}" if va and vb else "-"
-        lines.append(f"| {role} | {va if va is None else f'{va:.3f}'} | {vb if vb is None else f'{vb:.3f}'} | {ratio} |")
+        lines.append(f"| {role} | {_num(va)} | {_num(vb)} | {ratio} |")
     if "speedup" in a or "speedup" in b:
         lines.append(f"| speedup (FP/binary) | {a.get('speedup', float('nan')):.2f} | "
                      f"{b.get('speedup', float('nan')):.2f} | |")

@@ -7,13 +7,12 @@ from pathlib import Path
 
 def account(ckpt: str | Path | None = None, preset: str | None = None, wbits: int = 1, abits: int = 4,
             method: str = "binarydm", convention=None, out: str | Path | None = None) -> dict:
+    from bdmtool.trainer.layers import unet_example_inputs
     from bdmtool.trainer.ldm_autoencoder import Autoencoder, AutoencoderConfig
     from bdmtool.trainer.ldm_unet import LDMUNet, LDMUNetConfig
     from bdmtool.trainer.ops import LDM_FP_PATTERNS, OpsConvention, count, plot_blocks, write_json
     from bdmtool.trainer.spec import UNET_PRESETS, BinarizeConfig, UNetConfig
     from bdmtool.trainer.unet import UNet
-
-    import torch
 
     convention = convention or OpsConvention()
     if ckpt is not None:
@@ -24,8 +23,7 @@ def account(ckpt: str | Path | None = None, preset: str | None = None, wbits: in
         b = spec.binarize
         fp_patterns = tuple(b.keep_fp) if b else ()
         wbits, abits = (1, b.abits) if b else (32, 32)
-        inputs = (torch.zeros(1, spec.unet.in_channels, spec.unet.resolution, spec.unet.resolution),
-                  torch.tensor([500.0]))
+        inputs = unet_example_inputs(spec.unet)
         name = Path(ckpt).stem
     elif preset in LDMUNetConfig.PRESETS:
         model = LDMUNet(LDMUNetConfig.from_name(preset))
@@ -41,7 +39,7 @@ def account(ckpt: str | Path | None = None, preset: str | None = None, wbits: in
         cfg = UNetConfig.from_name(preset)
         model = UNet(cfg)
         fp_patterns = tuple(BinarizeConfig.from_method(method).keep_fp)
-        inputs = (torch.zeros(1, cfg.in_channels, cfg.resolution, cfg.resolution), torch.tensor([500.0]))
+        inputs = unet_example_inputs(cfg)
         name = preset
     else:
         raise ValueError(f"give a checkpoint or --preset: one of {sorted(UNET_PRESETS)} (pixel U-Net) or "

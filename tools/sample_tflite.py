@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -22,16 +23,23 @@ from tqdm.auto import tqdm
 CHUNK = 8
 
 
+@lru_cache(maxsize=2)
+def _denoiser(tflite: str, threads: int):
+    """One interpreter per (model, process): chunks of the same run reuse it (state is reset per image)."""
+    from bdmtool.exporter.runtime import TFLiteDenoiser
+
+    return TFLiteDenoiser.from_file(tflite, threads=threads)
+
+
 def _sample_range(tflite: str, start: int, stop: int, opts, threads: int = 1) -> np.ndarray:
     import bdmtool  # noqa: F401  (TF_USE_LEGACY_KERAS in a spawned worker)
-    from bdmtool.exporter.runtime import TFLiteDenoiser
     from bdmtool.trainer.data import from_model_range
     from bdmtool.trainer.diffusion import Diffusion
     from bdmtool.trainer.sampling import initial_noise
     from bdmtool.trainer.samplers import make_sampler, sample_loop
     from bdmtool.trainer.spec import DiffusionConfig
 
-    den = TFLiteDenoiser.from_file(tflite, threads=threads)
+    den = _denoiser(tflite, threads)
     side = json.loads(Path(tflite).with_suffix(".json").read_text())
     sch = side["schedule"]
     diffusion = Diffusion(DiffusionConfig(schedule=sch["name"], beta_start=sch["beta_start"],

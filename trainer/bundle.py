@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,18 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import file_sha256
 from .binarize import BinaryConv2d, binary_layers, reset_state
 from .quantizers import sign
 
 BUNDLE_VERSION = 1
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _layer_record(m: BinaryConv2d) -> dict:

@@ -86,6 +86,10 @@ def layer_shapes(model: nn.Module, *inputs: torch.Tensor) -> list[LayerShape]:
     return records
 
 
+def unet_example_inputs(unet_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch-1 (x, t) for the pixel U-Net of ``unet_cfg`` (shapes are all the walkers need)."""
+    return torch.zeros(1, unet_cfg.in_channels, unet_cfg.resolution, unet_cfg.resolution), torch.tensor([500.0])
+
+
 def unet_layer_shapes(model: nn.Module, unet_cfg) -> list[LayerShape]:
-    x = torch.zeros(1, unet_cfg.in_channels, unet_cfg.resolution, unet_cfg.resolution)
-    return layer_shapes(model, x, torch.tensor([500.0]))
+    return layer_shapes(model, *unet_example_inputs(unet_cfg))

@@ -70,13 +70,11 @@ def _block(name: str) -> str:
     return parts[0]
 
 
-def _extra_elementwise(model: nn.Module, inputs: tuple) -> tuple[int, int, int]:
-    """(norm output elements, softmax elements, attention-matmul MACs) of one forward pass."""
+def _register_extra(model: nn.Module, counts: list[int]) -> list:
+    """Hooks that add [norm output elements, softmax elements, attention-matmul MACs] of a forward pass to
+    ``counts``; returns the handles (the caller removes them)."""
     from .ldm_unet import AttentionBlock, CrossAttention
     from .unet import AttnBlock
-
-    counts = [0, 0, 0]
-    hooks = []
 
     def norm_hook(mod, inp, out):
         counts[0] += out.numel()
@@ -93,25 +91,26 @@ def _extra_elementwise(model: nn.Module, inputs: tuple) -> tuple[int, int, int]:
             counts[1] += getattr(mod, "heads", 1) * t * t
             counts[2] += 2 * t * t * c
 
+    handles = []
     for m in model.modules():
         if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-            hooks.append(m.register_forward_hook(norm_hook))
+            handles.append(m.register_forward_hook(norm_hook))
         elif isinstance(m, (AttentionBlock, AttnBlock, CrossAttention)):
-            hooks.append(m.register_forward_hook(attn_hook))
-    try:
-        with torch.no_grad():
-            model.eval()(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return counts[0], counts[1], counts[2]
+            handles.append(m.register_forward_hook(attn_hook))
+    return handles
 
 
 def count(model: nn.Module, inputs: tuple, wbits: int = 32, abits: int = 32, fp_patterns: tuple[str, ...] = (),
           conv: OpsConvention = OpsConvention()) -> dict:
     """Per-layer and total size / MACs / BOPs / FLOPs / OPs of ``model`` at ``wbits``/``abits``."""
     check(wbits in (1, 2, 4, 8, 32) and abits in (1, 2, 4, 8, 32), "bits must be one of 1, 2, 4, 8, 32")
-    shapes: list[LayerShape] = layer_shapes(model, *inputs)
+    counts = [0, 0, 0]  # norm elements, softmax elements, attention-matmul MACs: same forward as the shapes
+    extra_handles = _register_extra(model, counts) if conv.elementwise or conv.attention_matmuls else []
+    try:
+        shapes: list[LayerShape] = layer_shapes(model, *inputs)
+    finally:
+        for h in extra_handles:
+            h.remove()
     quantized = wbits < 32 or abits < 32
     rows = []
     for s in shapes:
@@ -129,7 +128,7 @@ def count(model: nn.Module, inputs: tuple, wbits: int = 32, abits: int = 32, fp_
     extra = {"norm_elements": 0, "softmax_elements": 0, "attention_matmul_macs": 0}
     extra_flops = 0
     if conv.elementwise or conv.attention_matmuls:
-        ne, se, am = _extra_elementwise(model, inputs)
+        ne, se, am = counts
         extra = {"norm_elements": ne, "softmax_elements": se, "attention_matmul_macs": am}
         if conv.attention_matmuls:
             extra_flops += am
