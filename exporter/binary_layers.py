@@ -34,11 +34,22 @@ def _const_op(fn, name: str):
     return keras.layers.Lambda(fn, name=name)
 
 
-def binary_conv(builder: UNetBuilder, rec: dict, x):
-    """Build the W1A1 binary layer described by the bundle record ``rec`` on input ``x`` (NHWC)."""
+A8_KERNELS = ("int8", "bitplanes")
+
+
+def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "int8", int8_ranges: dict | None = None,
+                probes: dict | None = None):
+    """Build the binary layer described by the bundle record ``rec`` on input ``x`` (NHWC).
+
+    W1A8 layers become an int8 ``CONV_2D`` (``a8="int8"``; ``int8_ranges`` holds each layer's calibrated
+    output range, and while it is None the float outputs are collected in ``probes`` for calibration) or
+    eight ``LceBconv2d`` bit planes (``a8="bitplanes"``).
+    """
     name, w = rec["name"], builder.w
     if rec["abits"] == 32:  # W1A32: LCE has no binary-weight / float-activation kernel
         return _float_binary_weight_conv(builder, rec, x)
+    if rec["abits"] == 8 and a8 == "int8":
+        return _int8_conv(builder, rec, x, int8_ranges, probes)
     if rec["abits"] != 1:
         return _bitplane_conv(builder, rec, x)
     if rec["act"] not in ("ste_sign", "approx_sign", "rsign", "reste"):
@@ -115,6 +126,57 @@ def _float_binary_weight_conv(builder: UNetBuilder, rec: dict, x):
     return y
 
 
+def _lsq_checks(rec: dict) -> None:
+    name = rec["name"]
+    if rec["lsq_mode"] != "learned":
+        raise NotExportableError(f"{name}: LSQ step '{rec['lsq_mode']}' is computed from each batch at run time; "
+                                 "export needs a learned (constant) step: train with binarize.lsq_step=learned")
+    if rec["act_scale"] != "none" or rec["output_scale"] or rec["post"] != "none" or rec["shortcut"] != "none":
+        raise NotExportableError(f"{name}: K/Gamma/RPReLU/shortcut extras are only exported for 1-bit activations")
+    k, p = rec["kernel"], rec["padding"]
+    if p and p != (k - 1) // 2:
+        raise NotExportableError(f"{name}: padding {p} with kernel {k} is not 'same'")
+
+
+def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: dict | None):
+    """W1A8 as one int8 ``CONV_2D``: the LSQ grid is an int8 grid, the +-scale weights are int8 numbers.
+
+    Exact parts: LSQ 8-bit levels round(clip(x/s, -128, 127)) * s are int8 with scale s and zero point 0
+    (a fake-quant over [-128 s, 127 s]); each output channel's weights +-a_o are int8 +-127 with scale a_o/127
+    (per-channel, symmetric). The border is padded with the top level 127 s as in training. Approximate part:
+    TFLite's int8 convolution writes int8, so each layer's output is re-quantized to 256 levels over its
+    calibrated range (``ranges[name] = (lo, hi)``), which the parity report measures. Everything else
+    (norms, SiLU, time MLP, attention, first/last conv) stays float around QUANTIZE/DEQUANTIZE pairs.
+    """
+    _lsq_checks(rec)
+    name, w, kn = rec["name"], builder.w, keras_name(rec["name"])
+    k, s, p, cout = rec["kernel"], rec["stride"], rec["padding"], rec["out_channels"]
+    step = float(w.get(f"{name}.step"))
+    kernel = w.get(f"{name}.sign1").astype(np.float32) * w.get(f"{name}.scale1", (cout,))[:, None, None, None]
+    if rec["two_bases"]:  # +-a1 +-a2: four levels per channel, no longer exact in int8
+        kernel = kernel + w.get(f"{name}.sign2").astype(np.float32) * w.get(f"{name}.scale2", (cout,))[:, None, None, None]
+    kernel = kernel.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    amax = np.maximum(np.abs(kernel).max(axis=(0, 1, 2)), 1e-12).astype(np.float32)
+    bias = (w.get(f"{name}.bias", (cout,)) if rec["bias"] else np.zeros(cout)).astype(np.float32)
+
+    def conv(v, kernel=kernel, amax=amax, bias=bias, step=step):
+        if p:
+            v = tf.pad(v, [[0, 0], [p, p], [p, p], [0, 0]], constant_values=127.0 * step)
+        v = tf.quantization.fake_quant_with_min_max_args(v, min=-128.0 * step, max=127.0 * step, num_bits=8)
+        kq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            tf.constant(kernel), min=tf.constant(-amax), max=tf.constant(amax), num_bits=8, narrow_range=True)
+        return tf.nn.bias_add(tf.nn.conv2d(v, kq, strides=s, padding="VALID"), tf.constant(bias))
+
+    y = _const_op(conv, f"{kn}__int8")(x)
+    if ranges is None:  # calibration build: float output, recorded
+        if probes is not None:
+            probes[name] = y
+        return y
+    lo, hi = ranges[name]
+    return _const_op(lambda v, lo=lo, hi=hi: tf.quantization.fake_quant_with_min_max_args(v, min=lo, max=hi, num_bits=8),
+                     f"{kn}__int8_out")(y)
+
+
 def _bitplane_conv(builder: UNetBuilder, rec: dict, x):
     """W1A4/W1A8: LSQ activations as +-1 bit planes, one same-zero ``LceBconv2d`` per plane and basis.
 
@@ -123,12 +185,8 @@ def _bitplane_conv(builder: UNetBuilder, rec: dict, x):
     conv(q, W) = sum_k 2^(k-1) conv1(s_k, W) - 1/2 conv1(1, W) with conv1 = LCE 'same-one' padding, and
     conv1(1, W) = sum(W) per output channel: a constant that joins the bias (folded into the bconv).
     """
+    _lsq_checks(rec)
     name, w = rec["name"], builder.w
-    if rec["lsq_mode"] != "learned":
-        raise NotExportableError(f"{name}: LSQ step '{rec['lsq_mode']}' is computed from each batch at run time; "
-                                 "export needs a learned (constant) step: train with binarize.lsq_step=learned")
-    if rec["act_scale"] != "none" or rec["output_scale"] or rec["post"] != "none" or rec["shortcut"] != "none":
-        raise NotExportableError(f"{name}: K/Gamma/RPReLU/shortcut extras are only exported for 1-bit activations")
     bits, kn = rec["abits"], keras_name(name)
     k, s, p = rec["kernel"], rec["stride"], rec["padding"]
     cout = rec["out_channels"]
@@ -136,8 +194,6 @@ def _bitplane_conv(builder: UNetBuilder, rec: dict, x):
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     u = _const_op(lambda v: tf.clip_by_value(tf.round(v / step), qn, qp) - qn, f"{kn}__lsq")(x)  # 0..2^b-1
     padding = "same" if p else "valid"
-    if p and p != (k - 1) // 2:
-        raise NotExportableError(f"{name}: padding {p} with kernel {k} is not 'same'")
     bases = [(w.get(f"{name}.sign1").astype(np.float32), w.get(f"{name}.scale1", (cout,)))]
     if rec["two_bases"]:
         bases.append((w.get(f"{name}.sign2").astype(np.float32), w.get(f"{name}.scale2", (cout,))))

@@ -38,6 +38,8 @@ class ModelInventory:
     fallbacks: list[str] = field(default_factory=list)  # float convs/matmuls fed by LceDequantize
     inputs: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
+    int8_layers: dict[str, int] = field(default_factory=dict)  # torch layer name -> int8 CONV_2D (W1A8 int8)
+    int8_param_bytes: int = 0  # int8 filters of those convolutions
 
 
 _SUFFIXES = ("__scale", "__kmul", "__gamma", "__bias", "__rprelu", "__sc_add", "__threshold")
@@ -90,7 +92,7 @@ def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInven
             producers[op.Outputs(o)] = rec
         rec._input_ids = [op.Inputs(i) for i in range(op.InputsLength())]  # type: ignore[attr-defined]
 
-    binary_buffers, bconv_layers, fallbacks = set(), Counter(), []
+    binary_buffers, int8_buffers, bconv_layers, int8_layers, fallbacks = set(), set(), Counter(), Counter(), []
     for rec in ops:
         if rec.name == "LceBconv2d":
             binary_buffers.add(sg.Tensors(rec._input_ids[1]).Buffer())  # type: ignore[attr-defined]
@@ -99,15 +101,22 @@ def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInven
             layer = layer_of(rec.outputs[0], layer_names) or layer_of(rec.inputs[0], layer_names)
             if layer:
                 bconv_layers[layer] += 1
+        elif rec.name == "CONV_2D" and sg.Tensors(rec._input_ids[0]).Type() == 9:  # type: ignore[attr-defined]
+            int8_buffers.add(sg.Tensors(rec._input_ids[1]).Buffer())  # type: ignore[attr-defined]
+            layer = layer_of(rec.outputs[0], layer_names)
+            if layer:
+                int8_layers[layer] += 1
         elif rec.name in ("CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "DEPTHWISE_CONV_2D"):
             src = producers.get(rec._input_ids[0])  # type: ignore[attr-defined]
             if src is not None and src.name == "LceDequantize":
                 fallbacks.append(layer_of(rec.inputs[0], layer_names) or rec.outputs[0])
-    binary_bytes = float_bytes = 0
+    binary_bytes = float_bytes = int8_bytes = 0
     for b in range(m.BuffersLength()):
         size = m.Buffers(b).DataLength()
         if b in binary_buffers:
             binary_bytes += size
+        elif b in int8_buffers:
+            int8_bytes += size
         else:
             float_bytes += size
 
@@ -122,18 +131,23 @@ def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInven
     return ModelInventory(ops, Counter(o.name for o in ops), len(fb), binary_bytes, float_bytes,
                           dict(bconv_layers), fallbacks,
                           io(sg.Inputs(i) for i in range(sg.InputsLength())),
-                          io(sg.Outputs(i) for i in range(sg.OutputsLength())))
+                          io(sg.Outputs(i) for i in range(sg.OutputsLength())),
+                          int8_layers=dict(int8_layers), int8_param_bytes=int8_bytes)
 
 
-def verify_binary_layers(inv: ModelInventory, expected: list[str]) -> None:
-    """Fail loudly when a layer the checkpoint marks binary did not become an ``LceBconv2d``."""
+def verify_binary_layers(inv: ModelInventory, expected: list[str], int8: list[str] = ()) -> None:
+    """Fail loudly when a layer the checkpoint marks binary did not become an ``LceBconv2d`` (or, for the
+    ``int8`` W1A8 layers, an int8 ``CONV_2D``)."""
     from .binary_layers import NotExportableError
 
     missing = [n for n in expected if inv.bconv_layers.get(n, 0) == 0]
-    if missing or inv.fallbacks:
+    not_int8 = [n for n in int8 if inv.int8_layers.get(n, 0) != 1]
+    if missing or inv.fallbacks or not_int8:
         reasons = []
         if missing:
             reasons.append(f"{len(missing)} binary layer(s) have no LceBconv2d: {missing[:8]}")
+        if not_int8:
+            reasons.append(f"{len(not_int8)} W1A8 layer(s) are not one int8 CONV_2D: {not_int8[:8]}")
         if inv.fallbacks:
             reasons.append(f"float convolution fed by LceDequantize (an op between the sign and the conv, "
                            f"or a non-binary filter) at: {inv.fallbacks[:8]}")
@@ -152,6 +166,8 @@ def format_inventory(inv: ModelInventory) -> str:
              "inputs:  " + ", ".join(_io_text(d) for d in inv.inputs),
              "outputs: " + ", ".join(_io_text(d) for d in inv.outputs),
              f"LceBconv2d: {inv.histogram.get('LceBconv2d', 0)} ops over {len(inv.bconv_layers)} layers",
+             *([f"int8 CONV_2D: {sum(inv.int8_layers.values())} ops over {len(inv.int8_layers)} layers, "
+                f"{inv.int8_param_bytes / 1024:.1f} KiB int8 filters"] if inv.int8_layers else []),
              "op histogram:"]
     width = max((len(k) for k in inv.histogram), default=4)
     lines += [f"  {k:<{width}}  {v}" for k, v in inv.histogram.most_common()]

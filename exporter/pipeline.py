@@ -33,6 +33,9 @@ CERTIFY_MARGIN = 3e-6
 # a few levels on almost every input (no input certifies), each flip moving eps by ~1e-2. The gate for W1A8
 # is therefore this looser bound on every input (measured: 0.04-0.05 max |d eps| on the tiny preset).
 A8_TOL = 0.1
+# The int8 W1A8 path re-quantizes every binary conv's output to 256 levels over its calibrated range (TFLite's
+# int8 CONV_2D writes int8): an approximation of the trained model, gated at this bound on every input.
+INT8_TOL = 0.25
 
 
 def _gate(stage: str, errors: list[float], margins: list[float], tol: float, report: dict, log) -> None:
@@ -145,22 +148,32 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
 
 
 def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float | None = None,
-               target: str = "lce", log=print) -> ExportResult:
-    """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files."""
+               target: str = "lce", a8: str = "int8", log=print) -> ExportResult:
+    """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files.
+
+    ``a8`` picks the kernel of W1A8 layers: ``int8`` (one int8 CONV_2D per layer, output re-quantized over a
+    calibrated range) or ``bitplanes`` (eight LceBconv2d per layer, exact up to level flips).
+    """
+    from functools import partial
+
     import larq_compute_engine as lce
 
-    from .binary_layers import binary_conv
+    from .binary_layers import A8_KERNELS, binary_conv
     from .keras_unet import UNetBuilder
 
+    if a8 not in A8_KERNELS:
+        raise ValueError(f"a8={a8!r}: choose one of {A8_KERNELS}")
     meta, weights, ref = read_bundle(bundle_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = meta["spec"].get("binarize")
-    if tol is None:  # default: 1e-4, or A8_TOL for 8-bit activations
-        tol = A8_TOL if target == "lce" and b and b["abits"] == 8 else 1e-4
-        if tol == A8_TOL:
-            log(f"[lce] W1A8: parity tolerance {A8_TOL} (8-bit levels flip on ~1e-6 float differences; see A8_TOL)")
-    name = name or (f"{b['method']}_w1a{b['abits']}" if b else "fp")
+    int8 = target == "lce" and a8 == "int8" and any(r["active"] and r["abits"] == 8 for r in meta["binary_layers"])
+    if tol is None:  # default: 1e-4, or the W1A8 bounds
+        tol = (INT8_TOL if int8 else A8_TOL) if target == "lce" and b and b["abits"] == 8 else 1e-4
+        if target == "lce" and b and b["abits"] == 8:
+            log(f"[lce] W1A8 ({a8}): parity tolerance {tol} (see {'INT8_TOL' if int8 else 'A8_TOL'} in "
+                "exporter/pipeline.py)")
+    name = name or (f"{b['method']}_w1a{b['abits']}" + ("_int8" if int8 else "") if b else "fp")
     if target == "keras-fp" and meta["binary_layers"]:
         meta = {**meta, "binary_layers": []}  # the same Keras rebuild, every layer float (cross-check)
     report: dict = {"name": name, "target": target, "stages": {},
@@ -170,7 +183,19 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     if target == "keras-fp":
         meta = {**meta, "timestep_cache": None}
         ref = {k: v for k, v in ref.items() if k not in ("x2", "t2", "eps2")}
-    builder = UNetBuilder(meta, weights, binary_conv)
+    factory = partial(binary_conv, a8=a8)
+    if int8:
+        from .calibrate import int8_ranges
+
+        probes: dict = {}
+        calib = UNetBuilder(meta, weights, partial(binary_conv, a8="int8", probes=probes)).build()
+        ranges = int8_ranges(calib, probes, meta, ref)
+        report["int8_output_ranges"] = ranges
+        log(f"[lce] W1A8 int8: calibrated the output range of {len(ranges)} layers on the reference inputs and "
+            "2 DDIM-20 trajectories")
+        factory = partial(binary_conv, a8="int8", int8_ranges=ranges)
+    report["a8_kernel"] = a8 if b and b["abits"] == 8 and target == "lce" else None
+    builder = UNetBuilder(meta, weights, factory)
     model = builder.build()
     keras_out = _reference_outputs(KerasDenoiser(model), ref)
     want = _expected(ref)
@@ -184,13 +209,15 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     path.write_bytes(fb)
     expected = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] != 32]
     inv = inspect_model(fb, layer_names=[r["name"] for r in meta["binary_layers"]])
-    verify_binary_layers(inv, expected)
+    a8_layers = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] == 8] if int8 else []
+    verify_binary_layers(inv, [n for n in expected if n not in a8_layers], int8=a8_layers)
     report["ops"] = dict(inv.histogram)
     report["binary_layers"] = len(expected)
     report["bconv_ops"] = inv.histogram.get("LceBconv2d", 0)
+    report["int8_conv_ops"] = sum(inv.int8_layers.values())
     report["float_layers"] = sorted({r["name"] for r in meta["binary_layers"] if r["abits"] == 32})
-    log(f"[lce] {path.name}: {inv.file_bytes / 1024:.1f} KiB, {report['bconv_ops']} LceBconv2d for "
-        f"{len(expected)} binary layers")
+    log(f"[lce] {path.name}: {inv.file_bytes / 1024:.1f} KiB, {report['bconv_ops']} LceBconv2d"
+        + (f" + {report['int8_conv_ops']} int8 CONV_2D" if int8 else "") + f" for {len(expected)} binary layers")
 
     # The converter orders a multi-output model's outputs by name (cache_out_<i>..., eps); parity checks it.
     out_names = sorted(model.output_names) if len(model.outputs) > 1 else ["eps"]
@@ -202,8 +229,11 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
             report["stages"]["cached_step_tflite_vs_pytorch"] = max_abs(tfl[-1], want[-1])
     report["file_bytes"] = inv.file_bytes
     report["binary_param_bytes"], report["float_param_bytes"] = inv.binary_param_bytes, inv.float_param_bytes
+    report["int8_param_bytes"] = inv.int8_param_bytes
     side = sidecar(meta, inv, name, target, out_names=out_names,
                    cache_shapes={c.name.split(":")[0]: list(c.shape) for c in builder.cache_inputs})
+    if report["a8_kernel"]:
+        side["bits"]["a8_kernel"] = report["a8_kernel"]
     side_path = out / f"{name}.json"
     side_path.write_text(json.dumps(side, indent=2))
     (out / "export_report.json").write_text(json.dumps(report, indent=2))

@@ -133,23 +133,41 @@ def test_w1a4_bit_planes(tmp_path, teacher):
     assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4}
 
 
-def test_w1a8_bit_planes_with_the_a8_tolerance(tmp_path, teacher):
-    """W1A8: 8 bconvs per layer; ~1e-6 float differences flip some of the 255 levels, so parity is held to
-    A8_TOL on every input (and a failure is a one-line CLI error, not a traceback)."""
+def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
+    """W1A8: by default one int8 CONV_2D per binary layer (LSQ grid = int8 grid, +-a weights = int8), gated at
+    INT8_TOL; ``a8="bitplanes"`` gives 8 LceBconv2d per layer, gated at A8_TOL (~1e-6 float differences flip
+    some of the 255 levels). A failed gate is a one-line CLI error, not a traceback."""
     import subprocess
 
     from conftest import bdmtool_cmd
-    from bdmtool.exporter.pipeline import A8_TOL
+    from bdmtool.exporter.inspect_tflite import inspect_model
+    from bdmtool.exporter.pipeline import A8_TOL, INT8_TOL
     from bdmtool.tools.export import export_checkpoint
 
     spec = build_train_spec(method="binarydm", abits=8, teacher=teacher, steps=4,
                             overrides=[*COMMON, "binarize.ebb_stage2_step=2"])
     ckpt = train(spec, tmp_path / "bdm8", progress=False)
-    res = export_checkpoint(ckpt, tmp_path / "e", log=lambda s: None)
-    assert res.report["bconv_ops"] == 8 * res.report["binary_layers"]
-    assert res.report["stages"]["tflite_vs_pytorch"] <= A8_TOL
-    r = subprocess.run([*bdmtool_cmd(), "export", str(ckpt), "--out", str(tmp_path / "e2"), "--tol", "1e-12"],
-                       capture_output=True, text=True, timeout=600)
+    res = export_checkpoint(ckpt, tmp_path / "i8", log=lambda s: None)
+    rep = res.report
+    names = [r["name"] for r in json.loads((tmp_path / "i8" / "bundle" / "spec.json").read_text())["binary_layers"]]
+    assert res.tflite.name == "binarydm_w1a8_int8.tflite" and rep["a8_kernel"] == "int8"
+    assert rep["bconv_ops"] == 0 and rep["int8_conv_ops"] == rep["binary_layers"] == len(names) > 20
+    inv = inspect_model(res.tflite.read_bytes(), names)
+    assert sorted(inv.int8_layers) == sorted(names) and not inv.fallbacks
+    assert "LceQuantize" not in inv.histogram and inv.histogram["QUANTIZE"] >= 1  # int8 islands in a float graph
+    assert inv.int8_param_bytes > 0
+    assert all(lo < 0 < hi for lo, hi in rep["int8_output_ranges"].values())
+    for stage in ("keras_vs_pytorch", "tflite_vs_keras", "tflite_vs_pytorch"):
+        assert 0 < rep["stages"][stage] <= INT8_TOL, (stage, rep["stages"])
+    side = json.loads(res.sidecar.read_text())
+    assert side["bits"] == {"weights": 1, "activations": 8, "a8_kernel": "int8"}
+    assert side["runtime"] == "builtin TFLite ops only"
+
+    bp = export_checkpoint(ckpt, tmp_path / "bp", a8="bitplanes", log=lambda s: None)
+    assert bp.report["bconv_ops"] == 8 * bp.report["binary_layers"] and bp.report["int8_conv_ops"] == 0
+    assert bp.report["stages"]["tflite_vs_pytorch"] <= A8_TOL
+    r = subprocess.run([*bdmtool_cmd(), "export", str(ckpt), "--out", str(tmp_path / "e2"), "--a8", "bitplanes",
+                        "--tol", "1e-12"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1  # an impossible tolerance fails as one line naming the stage
     assert "Traceback" not in r.stderr and "Error: keras_vs_pytorch" in r.stderr
 

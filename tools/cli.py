@@ -144,14 +144,17 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, device, benchmark_bi
                    "convs: one binary + one FP micro-model per conv shape (OUT/convs/, for `bdmtool bench --convs`).")
 @click.option("--out", type=click.Path(file_okay=False), default="export", show_default=True)
 @click.option("--name", default=None, help="Base name of the .tflite and its sidecar .json [default: METHOD_w1aBITS].")
+@click.option("--a8", type=click.Choice(["int8", "bitplanes"]), default="int8", show_default=True,
+              help="Kernel for W1A8 layers: one int8 CONV_2D per layer (fast, output re-quantized to 8 bits) or "
+                   "eight LceBconv2d bit planes (exact, slow). See the README's W1A8 section.")
 @click.option("--tol", type=float, default=None,
-              help="Max |d eps| allowed between stages [default: 1e-4; 0.1 for W1A8, where 8-bit levels flip].")
+              help="Max |d eps| allowed between stages [default: 1e-4; W1A8: 0.25 int8, 0.1 bit planes].")
 @_friendly
-def export(ckpt, target, out, name, tol):
+def export(ckpt, target, out, name, a8, tol):
     """Export CKPT to a .tflite + sidecar JSON, checking parity at every stage and the binary op inventory."""
     from bdmtool.tools.export import export_checkpoint
 
-    result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, log=click.echo)
+    result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, a8=a8, log=click.echo)
     if target == "convs":
         return
     click.echo(f"wrote {result.tflite} ({result.report['file_bytes'] / 1024:.1f} KiB) and {result.sidecar}")

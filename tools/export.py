@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
-                      tol: float | None = None, log: Callable[[str], None] = print):
+                      tol: float | None = None, a8: str = "int8", log: Callable[[str], None] = print):
     from bdmtool.trainer.bundle import write_bundle
 
     if target == "convs":
@@ -24,7 +24,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         return export_onnx2tf(bundle, onnx_path, out, name=name or "fp", tol=tol or 1e-4, log=log)
     from bdmtool.exporter.pipeline import export_lce
 
-    return export_lce(bundle, out, name=name, tol=tol, target=target, log=log)
+    return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, log=log)
 
 
 def fp_source(ckpt: str | Path) -> str:

@@ -1,0 +1,67 @@
+"""Output ranges of the int8 W1A8 convolutions, measured on what the model really sees when it samples.
+
+TFLite's int8 ``CONV_2D`` writes int8, so every W1A8 layer needs an output range. ``int8_ranges`` runs the
+Keras model (float outputs at those layers) on the bundle's reference inputs and on a few seeded DDIM
+trajectories through the model's own schedule, and returns each layer's (min, max) widened by ``margin``
+and always containing 0 (a TFLite zero point must be representable). This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .runtime import KerasDenoiser
+
+
+def _ddim_timesteps(spec: dict, steps: int) -> tuple[list[int], np.ndarray]:
+    from bdmtool.trainer.schedules import beta_schedule  # numpy only
+    from bdmtool.trainer.spec import DiffusionConfig
+
+    dcfg = DiffusionConfig.from_dict(spec["diffusion"])
+    abar = np.cumprod(1.0 - beta_schedule(dcfg))
+    T = dcfg.timesteps
+    return list(range(0, T, max(T // steps, 1)))[::-1], abar
+
+
+def int8_ranges(model, probes: dict, meta: dict, ref: dict, trajectories: int = 2, steps: int = 20,
+                seed: int = 0, margin: float = 0.05) -> dict[str, tuple[float, float]]:
+    """``probes``: layer name -> float Keras tensor of ``model``'s graph. Returns name -> (lo, hi)."""
+    import bdmtool  # noqa: F401
+    import tensorflow as tf
+
+    names = list(probes)
+    n_main = len(model.outputs)
+    lo = dict.fromkeys(names, 0.0)
+    hi = dict.fromkeys(names, 0.0)
+
+    class Recorder(KerasDenoiser):
+        def _run(self, feeds):
+            outs = super()._run(feeds)
+            for n, v in zip(names, outs[n_main:]):
+                lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
+            return outs[:n_main]
+
+    den = Recorder(tf.keras.Model(model.inputs, [*model.outputs, *(probes[n] for n in names)]))
+    den.output_names = den.output_names[:n_main]
+    for i in range(len(ref["t"])):
+        den.reset()
+        den.step(ref["x"][i:i + 1].transpose(0, 2, 3, 1), float(ref["t"][i]))
+    timesteps, abar = _ddim_timesteps(meta["spec"], steps)
+    u = meta["spec"]["unet"]
+    rng = np.random.default_rng(seed)
+    for _ in range(trajectories):
+        den.reset()
+        x = rng.standard_normal((1, u["resolution"], u["resolution"], u["in_channels"])).astype(np.float32)
+        for j, t in enumerate(timesteps):
+            eps = den.step(x, float(t))
+            a = abar[t]
+            a_prev = abar[timesteps[j + 1]] if j + 1 < len(timesteps) else 1.0
+            x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+            x = (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
+    out = {}
+    for n in names:
+        a, b = lo[n] * (1 + margin), hi[n] * (1 + margin)
+        if b - a < 1e-6:  # a dead layer: any tiny range around 0
+            a, b = -1e-3, 1e-3
+        out[n] = (float(a), float(b))
+    return out
