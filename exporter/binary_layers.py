@@ -150,7 +150,7 @@ def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: 
     """
     _lsq_checks(rec)
     name, w, kn = rec["name"], builder.w, keras_name(rec["name"])
-    k, s, p, cout = rec["kernel"], rec["stride"], rec["padding"], rec["out_channels"]
+    s, p, cout = rec["stride"], rec["padding"], rec["out_channels"]
     step = float(w.get(f"{name}.step"))
     kernel = w.get(f"{name}.sign1").astype(np.float32) * w.get(f"{name}.scale1", (cout,))[:, None, None, None]
     if rec["two_bases"]:  # +-a1 +-a2: four levels per channel, no longer exact in int8

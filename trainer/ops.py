@@ -22,7 +22,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .config import Config, check
