@@ -36,8 +36,7 @@ def _layers_from_ops(ops: list[dict]) -> dict[str, float]:
 
     per = defaultdict(float)
     for op in ops:
-        tensor = op["name"].lstrip("[").split("]")[0].split(",")[0]
-        layer = layer_of(tensor) if op["type"] in ("LceBconv2d", "CONV_2D", "FULLY_CONNECTED",
+        layer = layer_of(op["outputs"][0]) if op["type"] in ("LceBconv2d", "CONV_2D", "FULLY_CONNECTED",
                                                    "DEPTHWISE_CONV_2D") else None
         if layer:
             per[layer] += op["avg_ms"]

@@ -109,4 +109,4 @@ class DeviceRunner:
                 "kernel": "ruy_bgemm" if binary else ("xnnpack" if o.xnnpack else "builtin"),
                 "init_ms": best.init_us / 1000.0, "first_ms": best.first_us / 1000.0,
                 "memory_mb": best.memory_mb, "ops": [
-                    {"type": r.node_type, "avg_ms": r.avg_ms, "name": r.name} for r in best.ops]}
+                    {"type": r.node_type, "avg_ms": r.avg_ms, "name": r.name, "outputs": r.outputs} for r in best.ops]}

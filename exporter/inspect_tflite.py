@@ -120,12 +120,23 @@ def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInven
         else:
             float_bytes += size
 
+    # The saved-model conversion path writes a 'serving_default' signature naming every input and output
+    # (x, t, eps, cache_in_<i>, ...); the subgraph's own I/O order is not the Keras order, so names come from it.
+    sig_names: dict[int, str] = {}
+    for k in range(m.SignatureDefsLength()):
+        sd = m.SignatureDefs(k)
+        for j in range(sd.InputsLength()):
+            sig_names[sd.Inputs(j).TensorIndex()] = sd.Inputs(j).Name().decode()
+        for j in range(sd.OutputsLength()):
+            sig_names[sd.Outputs(j).TensorIndex()] = sd.Outputs(j).Name().decode()
+
     def io(indices) -> list[dict]:
         out = []
         for i in indices:
             t = sg.Tensors(i)
             out.append({"name": t.Name().decode(), "shape": [int(v) for v in t.ShapeAsNumpy()],
-                        "dtype": {0: "float32", 2: "int32", 9: "int8"}.get(t.Type(), str(t.Type()))})
+                        "dtype": {0: "float32", 2: "int32", 9: "int8"}.get(t.Type(), str(t.Type())),
+                        **({"signature_name": sig_names[i]} if i in sig_names else {})})
         return out
 
     return ModelInventory(ops, Counter(o.name for o in ops), len(fb), binary_bytes, float_bytes,
@@ -133,6 +144,12 @@ def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInven
                           io(sg.Inputs(i) for i in range(sg.InputsLength())),
                           io(sg.Outputs(i) for i in range(sg.OutputsLength())),
                           int8_layers=dict(int8_layers), int8_param_bytes=int8_bytes)
+
+
+def io_names(tensors: list[dict]) -> list[str]:
+    """Model-level names of inputs/outputs in flatbuffer order: the signature's ('x', 'eps', 'cache_in_0'), or the
+    tensor name without onnx2tf's 'serving_default_' prefix and ':0' suffix."""
+    return [d.get("signature_name") or d["name"].replace("serving_default_", "").split(":")[0] for d in tensors]
 
 
 def verify_binary_layers(inv: ModelInventory, expected: list[str], int8: list[str] = ()) -> None:

@@ -159,7 +159,7 @@ class UNetBuilder:
         half = ch // 2
         freqs = np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / (half - 1)).astype(np.float32)
         args = keras.layers.Lambda(lambda v: v * tf.constant(freqs[None]))(t)  # [1, half]
-        emb = keras.layers.Concatenate()([keras.layers.Lambda(tf.sin)(args), keras.layers.Lambda(tf.cos)(args)])
+        emb = keras.layers.Concatenate()([keras.layers.Lambda(lambda v: tf.sin(v))(args), keras.layers.Lambda(lambda v: tf.cos(v))(args)])
         return float_dense(self.w, "temb.dense.1", silu(float_dense(self.w, "temb.dense.0", emb)))
 
     def build(self, name: str = "u") -> "keras.Model":  # short: TFLite truncates tensor names to ~50 chars

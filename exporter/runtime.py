@@ -61,14 +61,14 @@ class TFLiteDenoiser(Denoiser):
     def __init__(self, fb: bytes, output_names: list[str] | None = None, threads: int = 1):
         from larq_compute_engine.tflite.python.interpreter import Interpreter
 
-        from .inspect_tflite import inspect_model
+        from .inspect_tflite import inspect_model, io_names
 
         inv = inspect_model(fb)
-        # onnx2tf names inputs 'serving_default_x:0'; the Keras/LCE exports name them 'x', 't', ...
-        names = [d["name"].replace("serving_default_", "").split(":")[0] for d in inv.inputs]
+        names = io_names(inv.inputs)
         shapes = {n: tuple(d["shape"]) for n, d in zip(names, inv.inputs)}
         self.interp = Interpreter(fb, num_threads=threads, use_indirect_bgemm=True)
-        super().__init__(names, shapes, output_names or ["eps"])
+        outs = io_names(inv.outputs)
+        super().__init__(names, shapes, output_names or (outs if len(outs) > 1 else ["eps"]))
 
     @classmethod
     def from_file(cls, path: str | Path, threads: int = 1) -> "TFLiteDenoiser":

@@ -52,10 +52,15 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
     if method == "bidm":  # cross-timestep cache: explicit inputs/outputs, checked on a cached second step
         sites = [c["site"] for c in side["cache_tensors"]]
         assert sites == meta["timestep_cache"]["sites"] and len(sites) == 3
-        assert side["tflite_io_order"]["inputs"][:3] == ["x", "t", "cache_valid"]
+        io = side["tflite_io_order"]
+        assert sorted(io["inputs"]) == sorted(["x", "t", "cache_valid", "cache_in_0", "cache_in_1", "cache_in_2"])
+        assert sorted(io["outputs"]) == ["cache_out_0", "cache_out_1", "cache_out_2", "eps"]
+        assert [c["output_index"] for c in side["cache_tensors"]] == [io["outputs"].index(f"cache_out_{i}")
+                                                                      for i in range(3)]
         assert rep["stages"].get("cached_step_tflite_vs_pytorch", 0.0) <= 1e-4
     else:
         assert side["cache_tensors"] == [] and side["tflite_io_order"]["outputs"] == ["eps"]
+    assert side["signature"].startswith("serving_default")  # the saved-model path, not LCE's graphdef fallback
 
 
 def test_keras_fp_cross_check(tmp_path, teacher):
@@ -87,9 +92,9 @@ def test_silent_fallback_is_detected(tmp_path, teacher, monkeypatch):
     ckpt = _qat(teacher, tmp_path, "xnor")
     original = bl.binary_conv
 
-    def broken(builder, rec, x):
+    def broken(builder, rec, x, **kw):
         if rec["name"] != "mid.block_1.conv1":
-            return original(builder, rec, x)
+            return original(builder, rec, x, **kw)
         h = lq.quantizers.SteSign()(x) * 0.5  # sign -> MUL -> conv: LCE's documented fallback pattern
         layer = tf.keras.layers.Conv2D(rec["out_channels"], 3, padding="same", use_bias=False,
                                        name=bl.keras_name(rec["name"]))
