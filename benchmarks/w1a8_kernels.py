@@ -44,7 +44,7 @@ def main() -> None:
         spec = build_train_spec(method="binarydm", abits=8, teacher=str(Path(ASSETS) / "tiny_mnist_fp.ckpt"),
                                 steps=a.steps, overrides=["train.batch_size=16"])
         ckpt = str(train(spec, root / "qat", progress=True))
-    exports = {"FP (onnx2tf)": export_checkpoint(ckpt, root / "fp", target="fp", log=quiet),
+    exports = {"FP teacher (onnx2tf)": export_checkpoint(ckpt, root / "fp", target="fp", log=quiet),
                "W1A8 int8 CONV_2D": export_checkpoint(ckpt, root / "int8", a8="int8", log=quiet),
                "W1A8 bit planes": export_checkpoint(ckpt, root / "bitplanes", a8="bitplanes", log=quiet)}
     runner = HostRunner(BenchOptions(threads=1, runs=a.runs, repeats=a.repeats, warmup_runs=3))
@@ -58,7 +58,7 @@ def main() -> None:
             if k.startswith("W1A8"):
                 fids[k] = evaluate(r.tflite, root / f"eval_{r.tflite.stem}", opts, ref_limit=a.ref_limit,
                                    log=quiet)["fid"]
-    fp_ms = ms["FP (onnx2tf)"]
+    fp_ms = ms["FP teacher (onnx2tf)"]
     print(f"\nBinaryDM W1A8 student {ckpt}; host: {runner.info()['cpu']}, 1 thread; exports in {root}\n")
     print(f"| model | .tflite KiB | LceBconv2d | int8 CONV_2D | max \\|d eps\\| vs PyTorch | host ms | FP / this | "
           f"FID ({a.n} vs {a.ref_limit}) |")
@@ -67,7 +67,7 @@ def main() -> None:
         rep = r.report
         fid = f"{fids[k]:.1f}" if k in fids else "-"
         print(f"| {k} | {rep['file_bytes'] / 1024:,.0f} | {rep['bconv_ops']} | {rep.get('int8_conv_ops', 0)} | "
-              f"{rep['stages']['tflite_vs_pytorch']:.3f} | {ms[k]:.2f} | {fp_ms / ms[k]:.2f}x | {fid} |")
+              f"{rep['stages']['tflite_vs_pytorch']:.2g} | {ms[k]:.2f} | {fp_ms / ms[k]:.2f}x | {fid} |")
     if "PyTorch student" in fids:
         print(f"| PyTorch student (reference) | | | | 0 | | | {fids['PyTorch student']:.1f} |")
 

@@ -66,7 +66,7 @@ def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "int8", int8_range
         h = _const_op(lambda v, c=thr: v + c, f"{kn}__threshold")(h)
     conv = lq.layers.QuantConv2D(cout, k, strides=s, padding="same" if p else "valid",
                                  pad_values=1.0 if p else 0.0, input_quantizer="ste_sign",
-                                 kernel_quantizer="ste_sign", kernel_constraint=None, use_bias=False, name=kn)
+                                 kernel_quantizer="ste_sign", kernel_constraint="weight_clip", use_bias=False, name=kn)
     if p and p != (k - 1) // 2:
         raise NotExportableError(f"{name}: padding {p} with kernel {k} is not 'same'")
     y = conv(h)
@@ -112,12 +112,19 @@ def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "int8", int8_range
     return y
 
 
+def _real_kernel(w, rec: dict) -> np.ndarray:
+    """The binary filter as real numbers (OIHW): sign1 * scale1 [+ sign2 * scale2 while EBB's 2nd basis lives]."""
+    name, cout = rec["name"], rec["out_channels"]
+    kernel = w.get(f"{name}.sign1").astype(np.float32) * w.get(f"{name}.scale1", (cout,))[:, None, None, None]
+    if w.has(f"{name}.sign2"):
+        kernel = kernel + w.get(f"{name}.sign2").astype(np.float32) * w.get(f"{name}.scale2", (cout,))[:, None, None, None]
+    return kernel
+
+
 def _float_binary_weight_conv(builder: UNetBuilder, rec: dict, x):
     """W1A32 runs as a float CONV_2D whose kernel holds the binary weights (+-scale per output channel)."""
     name, w = rec["name"], builder.w
-    kernel = w.get(f"{name}.sign1").astype(np.float32) * w.get(f"{name}.scale1")[:, None, None, None]
-    if w.has(f"{name}.sign2"):
-        kernel = kernel + w.get(f"{name}.sign2").astype(np.float32) * w.get(f"{name}.scale2")[:, None, None, None]
+    kernel = _real_kernel(w, rec)
     k, s, p = rec["kernel"], rec["stride"], rec["padding"]
     layer = keras.layers.Conv2D(rec["out_channels"], k, strides=s, padding="same" if p else "valid",
                                 use_bias=rec["bias"], name=keras_name(name))
@@ -152,10 +159,7 @@ def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: 
     name, w, kn = rec["name"], builder.w, keras_name(rec["name"])
     s, p, cout = rec["stride"], rec["padding"], rec["out_channels"]
     step = float(w.get(f"{name}.step"))
-    kernel = w.get(f"{name}.sign1").astype(np.float32) * w.get(f"{name}.scale1", (cout,))[:, None, None, None]
-    if rec["two_bases"]:  # +-a1 +-a2: four levels per channel, no longer exact in int8
-        kernel = kernel + w.get(f"{name}.sign2").astype(np.float32) * w.get(f"{name}.scale2", (cout,))[:, None, None, None]
-    kernel = kernel.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    kernel = _real_kernel(w, rec).transpose(2, 3, 1, 0)  # OIHW -> HWIO; two EBB bases: 4 levels, not exact
     amax = np.maximum(np.abs(kernel).max(axis=(0, 1, 2)), 1e-12).astype(np.float32)
     bias = (w.get(f"{name}.bias", (cout,)) if rec["bias"] else np.zeros(cout)).astype(np.float32)
 
@@ -204,7 +208,7 @@ def _bitplane_conv(builder: UNetBuilder, rec: dict, x):
         for kk, plane in enumerate(planes):
             conv = lq.layers.QuantConv2D(cout, k, strides=s, padding=padding, pad_values=1.0 if p else 0.0,
                                          input_quantizer="ste_sign", kernel_quantizer="ste_sign",
-                                         kernel_constraint=None, use_bias=False, name=f"{kn}__b{bi}p{kk}")
+                                         kernel_constraint="weight_clip", use_bias=False, name=f"{kn}__b{bi}p{kk}")
             y = conv(plane)
             conv.set_weights([sgn.transpose(2, 3, 1, 0)])
             mult = (step * 2.0 ** (kk - 1) * scale).astype(np.float32)

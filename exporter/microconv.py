@@ -45,7 +45,7 @@ def _model(r: dict, binary: bool, seed: int):
     if binary:
         conv = lq.layers.QuantConv2D(r["cout"], k, strides=s, padding=pad, pad_values=1.0 if p else 0.0,
                                      input_quantizer="ste_sign", kernel_quantizer="ste_sign",
-                                     kernel_constraint=None, use_bias=False, name="bconv")
+                                     kernel_constraint="weight_clip", use_bias=False, name="bconv")
         y = conv(x)
         conv.set_weights([np.sign(kernel) + (kernel == 0)])
         scale = rng.uniform(0.5, 1.5, r["cout"]).astype(np.float32)

@@ -230,8 +230,12 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     report["bconv_ops"] = inv.histogram.get("LceBconv2d", 0)
     report["int8_conv_ops"] = sum(inv.int8_layers.values())
     report["float_layers"] = sorted({r["name"] for r in meta["binary_layers"] if r["abits"] == 32})
-    log(f"[lce] {path.name}: {inv.file_bytes / 1024:.1f} KiB, {report['bconv_ops']} LceBconv2d"
-        + (f" + {report['int8_conv_ops']} int8 CONV_2D" if int8 else "") + f" for {len(expected)} binary layers")
+    fp32 = meta.get("fp32_weight_bytes")
+    report["fp32_weight_bytes"] = fp32
+    log(f"[lce] {path.name}: {inv.file_bytes / 1024:,.1f} KiB, {report['bconv_ops']} LceBconv2d"
+        + (f" + {report['int8_conv_ops']} int8 CONV_2D" if int8 else "") + f" for {len(expected)} binary layers"
+        + (f"; the FP32 weights of this U-Net are {fp32 / 1024:,.0f} KiB ({fp32 / inv.file_bytes:.1f}x this file)"
+           if fp32 and expected else ""))
 
     # Output order: the flatbuffer's signature names each output; parity below checks the mapping.
     # (LCE's graphdef fallback writes no signature and orders the outputs by name.)

@@ -43,6 +43,10 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
         assert rep["stages"][stage] <= 1e-4, (stage, rep["stages"])  # max over certified inputs
     assert max(rep["reference"]["decision_margin"]) >= 3e-6
     assert inv.binary_param_bytes > 0 and inv.file_bytes == res.tflite.stat().st_size
+    from bdmtool.trainer.train import load_model
+
+    fp_model = load_model(teacher)[0]
+    assert rep["fp32_weight_bytes"] == 4 * sum(p.numel() for p in fp_model.parameters()) > inv.file_bytes
     side = json.loads(res.sidecar.read_text())
     assert side["bits"] == {"weights": 1, "activations": 1} and side["method"] == method
     assert side["inputs"][0]["layout"] == "NHWC" and side["inputs"][0]["shape"] == [1, 32, 32, 1]

@@ -56,6 +56,14 @@ def _deployable(m: BinaryConv2d) -> dict[str, np.ndarray]:
     return {k: (v.to(torch.int8) if k.startswith("sign") else v.float()).cpu().numpy() for k, v in out.items()}
 
 
+def _fp_param_count(spec) -> int:
+    """Parameters of the full-precision U-Net of this architecture (what an FP32 export stores)."""
+    from .unet import UNet
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(spec.unet).parameters())
+
+
 @torch.no_grad()
 def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref: int = 4, seed: int = 0,
                  use_ema: bool = True, min_margin: float = 3e-6) -> Path:
@@ -69,7 +77,8 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
     meta = {"bundle_version": BUNDLE_VERSION, "spec": spec.to_dict(), "kind": ckpt.get("kind", "fp"),
             "step": ckpt["step"], "source_checkpoint": str(ckpt_path), "source_sha256": file_sha256(ckpt_path),
             "binary_layers": [_layer_record(m) for m in layers],
-            "timestep_cache": None if cache is None else {"sites": cache.sites, "buckets": cache.buckets}}
+            "timestep_cache": None if cache is None else {"sites": cache.sites, "buckets": cache.buckets},
+            "fp32_weight_bytes": 4 * _fp_param_count(spec)}
     (out / "spec.json").write_text(json.dumps(meta, indent=2))
     arrays = {k: v.float().cpu().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
     for m in layers:
