@@ -75,6 +75,7 @@ def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "int8", int8_range
     y = _const_op(lambda v, c=scale: v * c, f"{kn}__scale")(y)
     if rec["act_scale"] != "none":
         a = _const_op(lambda v: tf.reduce_mean(tf.abs(v), axis=-1, keepdims=True), f"{kn}__absmean")(x)
+        builder.float_layers[f"{name}.k_conv"] = "float K conv on mean|x| (activation scale)"
         kconv = keras.layers.Conv2D(1, k, strides=s, padding="same" if p else "valid",
                                     use_bias=w.has(f"{name}.k_conv.bias"), name=f"{kn}__k_conv")
         kmap = kconv(a)
@@ -98,6 +99,7 @@ def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "int8", int8_range
     if rec["shortcut"] != "none":
         sc = keras.layers.AveragePooling2D(s, name=f"{kn}__sc_pool")(x) if s > 1 else x
         if rec["shortcut_conv"]:
+            builder.float_layers[f"{name}.shortcut_conv"] = "float 1x1 shortcut conv"
             scc = keras.layers.Conv2D(cout, 1, name=f"{kn}__sc_conv")
             sc = scc(sc)
             scc.set_weights([w.get(f"{name}.shortcut_conv.weight").transpose(2, 3, 1, 0),

@@ -173,7 +173,8 @@ def verify_binary_layers(inv: ModelInventory, expected: list[str], int8: list[st
 
 
 def _io_text(d: dict) -> str:
-    return f"{d['name']} {d['shape']} {d['dtype']}"
+    sig = f"{d['signature_name']} = " if "signature_name" in d else ""
+    return f"{sig}{d['name']} {d['shape']} {d['dtype']}"
 
 
 def format_inventory(inv: ModelInventory) -> str:

@@ -97,11 +97,15 @@ class UNetBuilder:
         self.cache_inputs: list = []
         self.cache_outputs: list = []
         self._visited: set[str] = set()
+        self.float_layers: dict[str, str] = {}  # U-Net layer -> what it runs as, when it is not binary
         self._t = self._valid = None
 
     def conv(self, name: str, x, k: int, stride: int = 1, padding: str = "same"):
         if name in self.binary:
+            if self.binary[name]["abits"] == 32:
+                self.float_layers[name] = "float conv holding the binary weights (W1A32)"
             return self.binary_conv(self, self.binary[name], x)
+        self.float_layers[name] = "float conv"
         return float_conv(self.w, name, x, k, stride, padding)
 
     def linear(self, name: str, x):
@@ -109,6 +113,7 @@ class UNetBuilder:
         if name in self.binary:
             y = self.binary_conv(self, self.binary[name], keras.layers.Reshape((1, 1, x.shape[-1]))(x))
             return keras.layers.Reshape((y.shape[-1],))(y)
+        self.float_layers[name] = "float dense"
         return float_dense(self.w, name, x)
 
     def site(self, name: str, h):
@@ -134,6 +139,7 @@ class UNetBuilder:
         return mixed
 
     def norm(self, name: str, x):
+        self.float_layers[name] = "float GroupNorm"
         return group_norm(self.w, name, x, self.u["num_groups"], self.u["norm_eps"])
 
     def resblock(self, name: str, x, temb):
@@ -148,6 +154,7 @@ class UNetBuilder:
         _, hh, ww, c = x.shape
         h = self.norm(f"{name}.norm", x)
         q, k, v = (keras.layers.Reshape((hh * ww, c))(self.conv(f"{name}.{p}", h, 1)) for p in ("q", "k", "v"))
+        self.float_layers[f"{name}.matmuls"] = "float QK^T, softmax, AV"
         scores = keras.layers.Lambda(lambda qk: tf.matmul(qk[0], qk[1], transpose_b=True) * (c ** -0.5))([q, k])
         probs = keras.layers.Softmax(axis=-1)(scores)
         o = keras.layers.Lambda(lambda pv: tf.matmul(pv[0], pv[1]))([probs, v])
@@ -160,6 +167,7 @@ class UNetBuilder:
         freqs = np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / (half - 1)).astype(np.float32)
         args = keras.layers.Lambda(lambda v: v * tf.constant(freqs[None]))(t)  # [1, half]
         emb = keras.layers.Concatenate()([keras.layers.Lambda(lambda v: tf.sin(v))(args), keras.layers.Lambda(lambda v: tf.cos(v))(args)])
+        self.float_layers.update({"temb.dense.0": "float dense", "temb.dense.1": "float dense"})
         return float_dense(self.w, "temb.dense.1", silu(float_dense(self.w, "temb.dense.0", emb)))
 
     def build(self, name: str = "u") -> "keras.Model":  # short: TFLite truncates tensor names to ~50 chars

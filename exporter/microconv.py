@@ -59,7 +59,7 @@ def _model(r: dict, binary: bool, seed: int):
 
 def write_conv_models(layers: list[dict], out_dir: str | Path, log=print) -> Path:
     """Write the binary/FP micro-model pairs and ``convs.json``; returns the index path."""
-    import larq_compute_engine as lce
+    from .convert import convert
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def write_conv_models(layers: list[dict], out_dir: str | Path, log=print) -> Pat
             path = out / f"conv_{key}_{suffix}.tflite"
             if path.exists():
                 continue
-            fb = lce.convert_keras_model(_model(r, binary, seed=i))
+            fb = convert(_model(r, binary, seed=i), log)
             hist = inspect_model(fb).histogram
             if binary and (hist.get("LceBconv2d", 0) != 1 or hist.get("CONV_2D", 0)):
                 raise NotExportableError(f"micro-model {key}: expected one LceBconv2d, got ops {dict(hist)}")

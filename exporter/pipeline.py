@@ -10,7 +10,7 @@ above tolerance or a binary layer did not become an ``LceBconv2d``. This module 
 from __future__ import annotations
 
 import json
-import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import numpy as np
 
 import bdmtool  # noqa: F401
 
+from .convert import convert
 from .inspect_tflite import inspect_model, io_names, max_abs, verify_binary_layers
 from .runtime import KerasDenoiser, TFLiteDenoiser
 
@@ -166,8 +167,6 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     """
     from functools import partial
 
-    import larq_compute_engine as lce
-
     from .binary_layers import A8_KERNELS, binary_conv
     from .keras_unet import UNetBuilder
 
@@ -214,11 +213,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     if target == "lce":
         _gate("keras_vs_pytorch", [max_abs(a, b) for a, b in zip(keras_out, want)], margins, tol, report, log)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fb = lce.convert_keras_model(model)
-    for wmsg in caught:
-        log(f"[lce] converter: {wmsg.message}")
+    fb = convert(model, log)
     path = out / f"{name}.tflite"
     path.write_bytes(fb)
     expected = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] != 32]
@@ -229,7 +224,9 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     report["binary_layers"] = len(expected)
     report["bconv_ops"] = inv.histogram.get("LceBconv2d", 0)
     report["int8_conv_ops"] = sum(inv.int8_layers.values())
-    report["float_layers"] = sorted({r["name"] for r in meta["binary_layers"] if r["abits"] == 32})
+    report["float_layers"] = builder.float_layers  # first/last conv, time MLP, norms, attention, W1A32, ...
+    kinds = Counter(builder.float_layers.values())
+    log("[lce] stays float: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()) + " (export_report.json)")
     fp32 = meta.get("fp32_weight_bytes")
     report["fp32_weight_bytes"] = fp32
     log(f"[lce] {path.name}: {inv.file_bytes / 1024:,.1f} KiB, {report['bconv_ops']} LceBconv2d"

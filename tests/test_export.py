@@ -45,6 +45,9 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
     assert inv.binary_param_bytes > 0 and inv.file_bytes == res.tflite.stat().st_size
     from bdmtool.trainer.train import load_model
 
+    fl = rep["float_layers"]  # what stays float is listed, binary layers are not
+    assert fl["conv_in"] == fl["conv_out"] == "float conv" and fl["temb.dense.0"] == "float dense"
+    assert "mid.block_1.norm1" in fl and "mid.attn_1.matmuls" in fl and not set(fl) & set(names)
     fp_model = load_model(teacher)[0]
     assert rep["fp32_weight_bytes"] == 4 * sum(p.numel() for p in fp_model.parameters()) > inv.file_bytes
     side = json.loads(res.sidecar.read_text())
