@@ -192,3 +192,48 @@ def test_exporter_imports_without_torch():
             "assert 'torch' not in sys.modules, 'exporter pulled in torch'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_int8_w1a8_layer_is_exact_up_to_its_output_quantization():
+    """One W1A8 layer through the int8 path vs the training semantics computed independently (LSQ levels,
+    border padded with 127 s, +-a filters, bias): the .tflite must be within half an output LSB everywhere, i.e.
+    the LSQ grid and the binary filter are carried exactly and only the int8 output is rounded."""
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+    import torch
+    import torch.nn.functional as F
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    from bdmtool.exporter.binary_layers import binary_conv
+    from bdmtool.exporter.convert import convert
+    from bdmtool.exporter.inspect_tflite import inspect_model
+    from bdmtool.exporter.keras_unet import Weights
+
+    rng = np.random.default_rng(0)
+    cin, cout, step = 8, 16, 0.02
+    sign = np.where(rng.standard_normal((cout, cin, 3, 3)) >= 0, 1, -1).astype(np.int8)
+    scale = rng.uniform(0.2, 1.0, cout).astype(np.float32)
+    bias = rng.normal(0, 0.1, cout).astype(np.float32)
+    x = rng.normal(0, 1.5, (1, 8, 8, cin)).astype(np.float32)  # some values beyond the clip range 127 s = 2.54
+    rec = {"name": "l", "abits": 8, "lsq_mode": "learned", "act_scale": "none", "output_scale": False,
+           "post": "none", "shortcut": "none", "kernel": 3, "stride": 1, "padding": 1, "out_channels": cout,
+           "two_bases": False, "bias": True}
+    w = Weights({"l.step": np.float32(step), "l.sign1": sign, "l.scale1": scale, "l.bias": bias})
+
+    q = torch.from_numpy(np.clip(np.round(x / step), -128, 127) * step).permute(0, 3, 1, 2)
+    q = F.pad(q, (1, 1, 1, 1), value=127 * step)
+    kernel = torch.from_numpy(sign.astype(np.float32) * scale[:, None, None, None])
+    want = F.conv2d(q.double(), kernel.double(), torch.from_numpy(bias).double()).permute(0, 2, 3, 1).numpy()
+    lo, hi = float(want.min()) * 1.05, float(want.max()) * 1.05
+
+    inp = tf.keras.Input((8, 8, cin), batch_size=1)
+    builder = SimpleNamespace(w=w, float_layers={})
+    model = tf.keras.Model(inp, binary_conv(builder, rec, inp, a8="int8", int8_ranges={"l": (lo, hi)}))
+    fb = convert(model, log=lambda s: None)
+    assert inspect_model(fb, ["l"]).int8_layers == {"l": 1}
+    got = Interpreter(fb, num_threads=1).predict(x)
+    lsb = (hi - lo) / 255
+    err = np.abs(got - want)
+    assert err.max() <= 0.5 * lsb * (1 + 1e-4) + 1e-6, (err.max(), lsb)
+    assert err.max() > 1e-3 * lsb  # it does round: the comparison is not trivially exact
