@@ -143,7 +143,8 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, device, benchmark_bi
                    "checkpoint's teacher) via ONNX -> onnx2tf; keras-fp: the Keras rebuild with every layer float; "
                    "convs: one binary + one FP micro-model per conv shape (OUT/convs/, for `bdmtool bench --convs`).")
 @click.option("--out", type=click.Path(file_okay=False), default="export", show_default=True)
-@click.option("--name", default=None, help="Base name of the .tflite and its sidecar .json [default: METHOD_w1aBITS, with _int8 for W1A8 int8].")
+@click.option("--name", default=None,
+              help="Base name of the .tflite and its sidecar .json [default: METHOD_w1aBITS, + _int8 for W1A8 int8].")
 @click.option("--a8", type=click.Choice(["int8", "bitplanes"]), default="int8", show_default=True,
               help="Kernel for W1A8 layers: one int8 CONV_2D per layer (fast, output re-quantized to 8 bits) or "
                    "eight LceBconv2d bit planes (exact, slow). See the README's W1A8 section.")
