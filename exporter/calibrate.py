@@ -10,17 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runtime import KerasDenoiser
-
-
-def _ddim_timesteps(spec: dict, steps: int) -> tuple[list[int], np.ndarray]:
-    from bdmtool.trainer.schedules import beta_schedule  # numpy only
-    from bdmtool.trainer.spec import DiffusionConfig
-
-    dcfg = DiffusionConfig.from_dict(spec["diffusion"])
-    abar = np.cumprod(1.0 - beta_schedule(dcfg))
-    T = dcfg.timesteps
-    return list(range(0, T, max(T // steps, 1)))[::-1], abar
+from .runtime import KerasDenoiser, ddim_schedule
 
 
 def int8_ranges(model, probes: dict, meta: dict, ref: dict, trajectories: int = 2, steps: int = 20,
@@ -34,7 +24,11 @@ def int8_ranges(model, probes: dict, meta: dict, ref: dict, trajectories: int = 
     lo = dict.fromkeys(names, 0.0)
     hi = dict.fromkeys(names, 0.0)
 
-    class Recorder(KerasDenoiser):
+    class Recorder(KerasDenoiser):  # steps the model's own outputs, records the probes on the side
+        def __init__(self, m):
+            super().__init__(m)
+            self.output_names = self.output_names[:n_main]
+
         def _run(self, feeds):
             outs = super()._run(feeds)
             for n, v in zip(names, outs[n_main:]):
@@ -42,11 +36,10 @@ def int8_ranges(model, probes: dict, meta: dict, ref: dict, trajectories: int = 
             return outs[:n_main]
 
     den = Recorder(tf.keras.Model(model.inputs, [*model.outputs, *(probes[n] for n in names)]))
-    den.output_names = den.output_names[:n_main]
     for i in range(len(ref["t"])):
         den.reset()
         den.step(ref["x"][i:i + 1].transpose(0, 2, 3, 1), float(ref["t"][i]))
-    timesteps, abar = _ddim_timesteps(meta["spec"], steps)
+    timesteps, abar, _ = ddim_schedule(meta["spec"], steps)
     u = meta["spec"]["unet"]
     rng = np.random.default_rng(seed)
     for _ in range(trajectories):

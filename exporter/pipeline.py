@@ -20,7 +20,7 @@ import bdmtool  # noqa: F401
 
 from .convert import convert
 from .inspect_tflite import inspect_model, io_names, max_abs, verify_binary_layers
-from .runtime import KerasDenoiser, TFLiteDenoiser
+from .runtime import KerasDenoiser, TFLiteDenoiser, ddim_schedule
 
 
 class ParityError(ValueError):
@@ -112,15 +112,9 @@ def _expected(ref: dict) -> list[np.ndarray]:
 def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names: list[str] = ("eps",),
             cache_shapes: dict | None = None) -> dict:
     """What an app embedding the model needs to know, as JSON."""
-    from bdmtool.trainer.schedules import beta_schedule  # numpy only: the exporter never imports torch
-    from bdmtool.trainer.spec import DiffusionConfig
-
     spec = meta["spec"]
-    dcfg = DiffusionConfig.from_dict(spec["diffusion"])
-    betas = beta_schedule(dcfg)
-    abar = np.cumprod(1.0 - betas)
-    T = dcfg.timesteps
-    ddim = list(range(0, T, T // steps))[::-1]
+    dcfg = spec["diffusion"]
+    ddim, abar, T = ddim_schedule(spec, steps)
     b = spec.get("binarize")
     return {
         "model": f"{name}.tflite", "target": target, "format": "bdmtool-sidecar", "version": 1,
@@ -140,7 +134,7 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
         "tflite_io_order": {"inputs": io_names(inv.inputs), "outputs": list(out_names)},
         "signature": ("serving_default: inputs and outputs by these names through TFLite's signature runner"
                       if any("signature_name" in d for d in inv.outputs) else None),
-        "schedule": {"name": dcfg.schedule, "beta_start": dcfg.beta_start, "beta_end": dcfg.beta_end, "timesteps": T,
+        "schedule": {"name": dcfg["schedule"], "beta_start": dcfg["beta_start"], "beta_end": dcfg["beta_end"], "timesteps": T,
                      "alphas_cumprod": [float(v) for v in abar]},
         "sampler": {"name": "ddim", "eta": 0.0, "steps": steps, "skip": "uniform", "timesteps": ddim,
                     "update": "x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps; "
@@ -176,10 +170,11 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = meta["spec"].get("binarize")
-    int8 = target == "lce" and a8 == "int8" and any(r["active"] and r["abits"] == 8 for r in meta["binary_layers"])
+    w1a8 = bool(target == "lce" and b and b["abits"] == 8)
+    int8 = w1a8 and a8 == "int8" and any(r["active"] and r["abits"] == 8 for r in meta["binary_layers"])
     if tol is None:  # default: 1e-4, or the W1A8 bounds
-        tol = (INT8_TOL if int8 else A8_TOL) if target == "lce" and b and b["abits"] == 8 else 1e-4
-        if target == "lce" and b and b["abits"] == 8:
+        tol = (INT8_TOL if int8 else A8_TOL) if w1a8 else 1e-4
+        if w1a8:
             log(f"[lce] W1A8 ({a8}): parity tolerance {tol} (see {'INT8_TOL' if int8 else 'A8_TOL'} in "
                 "exporter/pipeline.py)")
     name = name or (f"{b['method']}_w1a{b['abits']}" + ("_int8" if int8 else "") if b else "fp")
@@ -203,7 +198,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
         log(f"[lce] W1A8 int8: calibrated the output range of {len(ranges)} layers on the reference inputs and "
             "2 DDIM-20 trajectories")
         factory = partial(binary_conv, a8="int8", int8_ranges=ranges)
-    report["a8_kernel"] = a8 if b and b["abits"] == 8 and target == "lce" else None
+    report["a8_kernel"] = a8 if w1a8 else None
     builder = UNetBuilder(meta, weights, factory)
     model = builder.build()
     keras_out = _reference_outputs(KerasDenoiser(model), ref)

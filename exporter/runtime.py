@@ -13,6 +13,16 @@ from pathlib import Path
 import numpy as np
 
 
+def ddim_schedule(spec: dict, steps: int) -> tuple[list[int], np.ndarray, int]:
+    """(DDIM timesteps high -> low with uniform skip, alphas_cumprod [T], T) of a checkpoint spec, numpy only."""
+    from bdmtool.trainer.schedules import beta_schedule  # numpy only: the exporter never imports torch
+    from bdmtool.trainer.spec import DiffusionConfig
+
+    dcfg = DiffusionConfig.from_dict(spec["diffusion"])
+    T = dcfg.timesteps
+    return list(range(0, T, max(T // steps, 1)))[::-1], np.cumprod(1.0 - beta_schedule(dcfg)), T
+
+
 class Denoiser:
     """Common stepping logic; subclasses implement ``_run(feeds: dict) -> list[np.ndarray]`` (outputs in
     ``output_names`` order)."""

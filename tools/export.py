@@ -21,7 +21,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
 
         onnx_path = write_onnx(ckpt, bundle / "model.onnx")
         log(f"[onnx] {onnx_path}")
-        return export_onnx2tf(bundle, onnx_path, out, name=name or "fp", tol=tol or 1e-4, log=log)
+        return export_onnx2tf(bundle, onnx_path, out, name=name or "fp", tol=1e-4 if tol is None else tol, log=log)
     from bdmtool.exporter.pipeline import export_lce
 
     return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, log=log)

@@ -58,10 +58,10 @@ def _deployable(m: BinaryConv2d) -> dict[str, np.ndarray]:
 
 def _fp_param_count(spec) -> int:
     """Parameters of the full-precision U-Net of this architecture (what an FP32 export stores)."""
-    from .unet import UNet
+    from .unet import UNet, count_parameters
 
     with torch.device("meta"):
-        return sum(p.numel() for p in UNet(spec.unet).parameters())
+        return count_parameters(UNet(spec.unet))
 
 
 @torch.no_grad()
