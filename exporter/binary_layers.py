@@ -135,6 +135,22 @@ def _float_binary_weight_conv(builder: UNetBuilder, rec: dict, x):
     return y
 
 
+def padding_refusal(binarize: dict | None, a8: str) -> str | None:
+    """Why a checkpoint's multi-bit padding cannot be exported on the requested kernel path (None: it can).
+
+    Zero padding (``binarize.act_pad=zero``) is exact on the int8 path (zero point 0); bit planes are
+    'same-one' bconvs, which reproduce only the top-level border the other mode trains with.
+    """
+    if not binarize or binarize.get("act_pad", "top") != "zero" or binarize["abits"] in (1, 32):
+        return None
+    if binarize["abits"] == 8 and a8 == "int8":
+        return None
+    path = "--a8 bitplanes" if binarize["abits"] == 8 else "W1A4 (bit planes are its only kernel today)"
+    return (f"this W1A{binarize['abits']} checkpoint was trained with zero padding (binarize.act_pad=zero, for the "
+            f"int8 path), which {path} cannot reproduce: export W1A8 with --a8 int8, or train with "
+            "--set binarize.act_pad=top for bit planes")
+
+
 def _lsq_checks(rec: dict) -> None:
     name = rec["name"]
     if rec["lsq_mode"] != "learned":
@@ -152,7 +168,7 @@ def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: 
 
     Exact parts: LSQ 8-bit levels round(clip(x/s, -128, 127)) * s are int8 with scale s and zero point 0
     (a fake-quant over [-128 s, 127 s]); each output channel's weights +-a_o are int8 +-127 with scale a_o/127
-    (per-channel, symmetric). The border is padded with the top level 127 s as in training. Approximate part:
+    (per-channel, symmetric). The border is padded as in training: 0 (act_pad=zero) or 127 s. Approximate part:
     TFLite's int8 convolution writes int8, so each layer's output is re-quantized to 256 levels over its
     calibrated range (``ranges[name] = (lo, hi)``), which the parity report measures. Everything else
     (norms, SiLU, time MLP, attention, first/last conv) stays float around QUANTIZE/DEQUANTIZE pairs.
@@ -165,9 +181,11 @@ def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: 
     amax = np.maximum(np.abs(kernel).max(axis=(0, 1, 2)), 1e-12).astype(np.float32)
     bias = (w.get(f"{name}.bias", (cout,)) if rec["bias"] else np.zeros(cout)).astype(np.float32)
 
-    def conv(v, kernel=kernel, amax=amax, bias=bias, step=step):
+    border = 127.0 * step if rec.get("act_pad", "top") == "top" else 0.0  # both exact int8 levels
+
+    def conv(v, kernel=kernel, amax=amax, bias=bias, border=border):
         if p:
-            v = tf.pad(v, [[0, 0], [p, p], [p, p], [0, 0]], constant_values=127.0 * step)
+            v = tf.pad(v, [[0, 0], [p, p], [p, p], [0, 0]], constant_values=border)
         v = tf.quantization.fake_quant_with_min_max_args(v, min=-128.0 * step, max=127.0 * step, num_bits=8)
         kq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
             tf.constant(kernel), min=tf.constant(-amax), max=tf.constant(amax), num_bits=8, narrow_range=True)

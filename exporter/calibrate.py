@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runtime import KerasDenoiser, ddim_schedule
+from .runtime import KerasDenoiser, ddim_schedule, ddim_step
 
 
 def int8_ranges(model, probes: dict, meta: dict, ref: dict, trajectories: int = 2, steps: int = 20,
@@ -47,10 +47,8 @@ def int8_ranges(model, probes: dict, meta: dict, ref: dict, trajectories: int = 
         x = rng.standard_normal((1, u["resolution"], u["resolution"], u["in_channels"])).astype(np.float32)
         for j, t in enumerate(timesteps):
             eps = den.step(x, float(t))
-            a = abar[t]
             a_prev = abar[timesteps[j + 1]] if j + 1 < len(timesteps) else 1.0
-            x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
-            x = (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
+            x = ddim_step(x, eps, abar[t], a_prev, clip_x0=True)  # what the sidecar tells an app to run
     out = {}
     for n in names:
         a, b = lo[n] * (1 + margin), hi[n] * (1 + margin)

@@ -138,6 +138,23 @@ class UNetBuilder:
         self.cache_outputs.append(keras.layers.Activation("linear", name=f"cache_out_{i}")(mixed))
         return mixed
 
+    def dc_bypass(self, eps, x, t):
+        """bdmtool's float DC path (``binarize.dc_bypass``): eps + g[t * buckets // T] * mean_hw(x)."""
+        b = self.meta["spec"].get("binarize") or {}
+        if b.get("dc_bypass", "none") == "none":
+            return eps
+        buckets, T = b["dc_bypass_buckets"], self.meta["spec"]["diffusion"]["timesteps"]
+        gains = (self.w.get("dc_bypass.gain_raw", (buckets,)) * b["dc_bypass_lr_scale"]).astype(np.float32)
+        self.float_layers["dc_bypass"] = "float MEAN over H, W, GATHER of the timestep gain, MUL, ADD"
+
+        def add(z, gains=gains, buckets=buckets, T=T):
+            e_, x_, t_ = z
+            k = tf.cast(tf.clip_by_value(tf.floor(t_ * float(buckets) / float(T)), 0.0, buckets - 1.0), tf.int32)
+            g = tf.reshape(tf.gather(tf.constant(gains), tf.reshape(k, [-1])), [-1, 1, 1, 1])
+            return e_ + g * tf.reduce_mean(x_, axis=[1, 2], keepdims=True)
+
+        return keras.layers.Lambda(add, name="dc_bypass")([eps, x, t])
+
     def norm(self, name: str, x):
         self.float_layers[name] = "float GroupNorm"
         return group_norm(self.w, name, x, self.u["num_groups"], self.u["norm_eps"])
@@ -207,7 +224,7 @@ class UNetBuilder:
                 h = self.site(f"up.{i}.upsample", h)
                 cur *= 2
         h = silu(self.norm("norm_out", h))
-        out = self.conv("conv_out", h, 3)
+        out = self.dc_bypass(self.conv("conv_out", h, 3), x_in, t_in)
         out = keras.layers.Activation("linear", name="eps")(out)
         missing = sorted(set(self.sites) - self._visited)
         if missing:

@@ -137,8 +137,13 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
         "schedule": {"name": dcfg["schedule"], "beta_start": dcfg["beta_start"], "beta_end": dcfg["beta_end"], "timesteps": T,
                      "alphas_cumprod": [float(v) for v in abar]},
         "sampler": {"name": "ddim", "eta": 0.0, "steps": steps, "skip": "uniform", "timesteps": ddim,
-                    "update": "x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps; "
-                              "a_prev = 1 after the last step"},
+                    "clip_x0": True,
+                    "update": "x0 = clip((x - sqrt(1-a_t) eps) / sqrt(a_t), -1, 1); "
+                              "eps = (x - sqrt(a_t) x0) / sqrt(1-a_t); "
+                              "x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps; a_prev = 1 after the last step; "
+                              "the final x0 in [-1, 1] maps to pixels as (x0 + 1) * 127.5",
+                    "why_clip": "a small error in the mean of eps is multiplied by sqrt((1-a_t)/a_t) (~100 at high t) "
+                                "in x0; clamping x0 keeps it from saturating the image (bdmtool samples this way)"},
         "cache_tensors": [
             {"input": o.replace("cache_out_", "cache_in_"), "output_index": k,
              "shape": (cache_shapes or {}).get(o.replace("cache_out_", "cache_in_")),
@@ -161,12 +166,14 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     """
     from functools import partial
 
-    from .binary_layers import A8_KERNELS, binary_conv
+    from .binary_layers import A8_KERNELS, NotExportableError, binary_conv, padding_refusal
     from .keras_unet import UNetBuilder
 
     if a8 not in A8_KERNELS:
         raise ValueError(f"a8={a8!r}: choose one of {A8_KERNELS}")
     meta, weights, ref = read_bundle(bundle_dir)
+    if target == "lce" and (why := padding_refusal(meta["spec"].get("binarize"), a8)):
+        raise NotExportableError(why)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = meta["spec"].get("binarize")

@@ -23,6 +23,19 @@ def ddim_schedule(spec: dict, steps: int) -> tuple[list[int], np.ndarray, int]:
     return list(range(0, T, max(T // steps, 1)))[::-1], np.cumprod(1.0 - beta_schedule(dcfg)), T
 
 
+def ddim_step(x: np.ndarray, eps: np.ndarray, a: float, a_prev: float, clip_x0: bool = True) -> np.ndarray:
+    """One deterministic DDIM step (eta = 0) in numpy, as the sidecar's ``sampler.update`` states it.
+
+    x0 = (x - sqrt(1-a) eps) / sqrt(a), clamped to [-1, 1] with eps re-derived from it when ``clip_x0``;
+    x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps.
+    """
+    x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    if clip_x0:
+        x0 = np.clip(x0, -1.0, 1.0)
+        eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+    return (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
+
+
 class Denoiser:
     """Common stepping logic; subclasses implement ``_run(feeds: dict) -> list[np.ndarray]`` (outputs in
     ``output_names`` order)."""

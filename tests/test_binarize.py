@@ -71,6 +71,43 @@ def test_multibit_layer_pads_quantized_input_with_top_level():
     assert torch.allclose(layer(x), manual, atol=1e-6)
 
 
+def test_multibit_layer_with_zero_padding_pads_quantized_input_with_zero():
+    """binarize.act_pad=zero (the int8 deployment path): the quantized input is padded with 0, and W1A8
+    presets choose it by default (W1A4 keeps the top level its bit-plane export needs)."""
+    cfg = BinarizeConfig.from_method("baseline", abits=4).replace(act_pad="zero")
+    layer, conv = _layer(cfg)
+    with torch.no_grad():
+        layer.step.fill_(0.25)
+    x = torch.randn(2, 8, 6, 6)
+    xq = torch.round(torch.clamp(x / 0.25, -8, 7)) * 0.25
+    manual = F.conv2d(F.pad(xq, (1, 1, 1, 1), value=0.0), layer.sigma1 * sign(conv.weight), conv.bias)
+    assert torch.allclose(layer(x), manual, atol=1e-6)
+    assert BinarizeConfig.from_method("binarydm", abits=8).act_pad == "zero"
+    assert BinarizeConfig.from_method("binarydm", abits=4).act_pad == "top"
+    assert BinarizeConfig.from_method("baseline", abits=8).act_pad == "zero"
+
+
+def test_dc_bypass_adds_the_gain_times_the_image_mean_and_learns():
+    """binarize.dc_bypass=timestep_gain: eps + g[t * buckets // T] * mean_hw(x) per image and channel, g from 0,
+    stored as gain_raw with g = lr_scale * gain_raw; the whole-model hook survives a deep copy."""
+    cfg = BinarizeConfig.from_method("baseline", abits=4).replace(dc_bypass="timestep_gain", dc_bypass_buckets=20)
+    model = binarize_(_model(), cfg)
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0.0, 49.0, 999.0])
+    base = model(x, t)
+    assert torch.equal(model.dc_bypass.gains(), torch.zeros(20))
+    with torch.no_grad():
+        model.dc_bypass.gain_raw.copy_(torch.arange(20.0) / 1000)  # g = arange * 0.1
+    got = model(x, t)
+    g = torch.tensor([0.0, 0.0, 1.9])  # buckets 0 (t=0), 0 (t=49), 19 (t=999)
+    assert torch.allclose(got - base, g.reshape(3, 1, 1, 1) * x.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.dc_bypass.gain_raw.zero_()
+    assert torch.allclose(twin(x, t), base, atol=1e-6) and torch.allclose(model(x, t), got)
+    model(x, t).square().mean().backward()
+    assert model.dc_bypass.gain_raw.grad[19] != 0 and model.dc_bypass.gain_raw.grad[5] == 0
+
+
 def test_linear_is_a_one_by_one_binary_conv():
     cfg = BinarizeConfig.from_method("xnor")
     lin = torch.nn.Linear(12, 5)
@@ -205,7 +242,7 @@ def test_invalid_configs_name_the_key():
 
 
 def test_lsq_per_batch_mode_reproduces_the_official_reinit():
-    cfg = BinarizeConfig.from_method("baseline", abits=8).replace(lsq_step="per_batch")
+    cfg = BinarizeConfig.from_method("baseline", abits=8).replace(lsq_step="per_batch", act_pad="top")
     layer, conv = _layer(cfg)
     x = torch.randn(2, 8, 6, 6) * 3
     s = 2 * x.abs().mean() / (127 ** 0.5)

@@ -19,8 +19,8 @@ def teacher(tmp_path_factory):
     return str(train(build_train_spec("tiny", "digits", 5, [*MICRO_UNET, *COMMON]), out, progress=False))
 
 
-def _qat(teacher, tmp_path, method, abits=None):
-    spec = build_train_spec(method=method, abits=abits, teacher=teacher, steps=3, overrides=COMMON)
+def _qat(teacher, tmp_path, method, abits=None, extra=()):
+    spec = build_train_spec(method=method, abits=abits, teacher=teacher, steps=3, overrides=[*COMMON, *extra])
     return train(spec, tmp_path / method, progress=False)
 
 
@@ -68,6 +68,24 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
     else:
         assert side["cache_tensors"] == [] and side["tflite_io_order"]["outputs"] == ["eps"]
     assert side["signature"].startswith("serving_default")  # the saved-model path, not LCE's graphdef fallback
+
+
+def test_dc_bypass_exports_as_float_ops_with_parity(tmp_path, teacher):
+    """binarize.dc_bypass: eps + g[t * buckets // T] * mean_hw(x) becomes builtin MEAN/GATHER/MUL/ADD in the
+    .tflite. On a W1A32 student (no activation quantizer, so no level flips) every stage matches to 1e-4, with
+    gains trained away from 0 so that the path is seen."""
+    from bdmtool.tools.export import export_checkpoint
+    from bdmtool.trainer.train import load_model
+
+    ckpt = _qat(teacher, tmp_path, "baseline", 32, extra=["binarize.dc_bypass=timestep_gain", "train.lr=1e-3",
+                                                          "binarize.dc_bypass_lr_scale=1000"])
+    gains = load_model(ckpt)[0].dc_bypass.gains()
+    assert gains.abs().max() > 3e-2  # x_t means of ~0.05 then move eps by > 1e-3, far above the 1e-4 gate
+    res = export_checkpoint(ckpt, tmp_path / "e", log=lambda s: None)
+    assert res.report["float_layers"]["dc_bypass"].startswith("float MEAN")
+    assert "GATHER" in res.report["ops"] and not res.report.get("fallbacks")
+    for stage in ("keras_vs_pytorch", "tflite_vs_keras", "tflite_vs_pytorch"):
+        assert res.report["stages"][stage] <= 1e-4, (stage, res.report["stages"])
 
 
 def test_keras_fp_cross_check(tmp_path, teacher):
@@ -175,6 +193,18 @@ def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
     assert side["bits"] == {"weights": 1, "activations": 8, "a8_kernel": "int8"}
     assert side["runtime"] == "builtin TFLite ops only"
 
+    assert side["sampler"]["clip_x0"] is True and "clip(" in side["sampler"]["update"]
+
+    # W1A8 trains with zero padding (exact on int8); bit planes need the top-level border: refused at once
+    assert json.loads((tmp_path / "i8" / "bundle" / "spec.json").read_text())["binary_layers"][0]["act_pad"] == "zero"
+    r = subprocess.run([*bdmtool_cmd(), "export", str(ckpt), "--out", str(tmp_path / "no"), "--a8", "bitplanes"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "binarize.act_pad=top" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "no" / "bundle").exists()
+
+    top = build_train_spec(method="binarydm", abits=8, teacher=teacher, steps=4,
+                           overrides=[*COMMON, "binarize.ebb_stage2_step=2", "binarize.act_pad=top"])
+    ckpt = train(top, tmp_path / "bdm8top", progress=False)
     bp = export_checkpoint(ckpt, tmp_path / "bp", a8="bitplanes", log=lambda s: None)
     assert bp.report["bconv_ops"] == 8 * bp.report["binary_layers"] and bp.report["int8_conv_ops"] == 0
     assert bp.report["stages"]["tflite_vs_pytorch"] <= A8_TOL
@@ -194,10 +224,12 @@ def test_exporter_imports_without_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_int8_w1a8_layer_is_exact_up_to_its_output_quantization():
+@pytest.mark.parametrize("act_pad", ["top", "zero"])
+def test_int8_w1a8_layer_is_exact_up_to_its_output_quantization(act_pad):
     """One W1A8 layer through the int8 path vs the training semantics computed independently (LSQ levels,
-    border padded with 127 s, +-a filters, bias): the .tflite must be within half an output LSB everywhere, i.e.
-    the LSQ grid and the binary filter are carried exactly and only the int8 output is rounded."""
+    border padded with 127 s or 0 as trained, +-a filters, bias): the .tflite must be within half an output LSB
+    everywhere, i.e. the LSQ grid, the border and the binary filter are carried exactly and only the int8 output
+    is rounded."""
     from types import SimpleNamespace
 
     import tensorflow as tf
@@ -218,11 +250,11 @@ def test_int8_w1a8_layer_is_exact_up_to_its_output_quantization():
     x = rng.normal(0, 1.5, (1, 8, 8, cin)).astype(np.float32)  # some values beyond the clip range 127 s = 2.54
     rec = {"name": "l", "abits": 8, "lsq_mode": "learned", "act_scale": "none", "output_scale": False,
            "post": "none", "shortcut": "none", "kernel": 3, "stride": 1, "padding": 1, "out_channels": cout,
-           "two_bases": False, "bias": True}
+           "two_bases": False, "bias": True, "act_pad": act_pad}
     w = Weights({"l.step": np.float32(step), "l.sign1": sign, "l.scale1": scale, "l.bias": bias})
 
     q = torch.from_numpy(np.clip(np.round(x / step), -128, 127) * step).permute(0, 3, 1, 2)
-    q = F.pad(q, (1, 1, 1, 1), value=127 * step)
+    q = F.pad(q, (1, 1, 1, 1), value=127 * step if act_pad == "top" else 0.0)
     kernel = torch.from_numpy(sign.astype(np.float32) * scale[:, None, None, None])
     want = F.conv2d(q.double(), kernel.double(), torch.from_numpy(bias).double()).permute(0, 2, 3, 1).numpy()
     lo, hi = float(want.min()) * 1.05, float(want.max()) * 1.05

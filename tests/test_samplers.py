@@ -137,3 +137,30 @@ def test_clip_x0_clamps_the_prediction_and_is_off_by_default():
     x0 = torch.ones(1, 2)
     eps_c = (x - a**0.5 * x0) / (1 - a) ** 0.5
     assert torch.allclose(c.step(eps, 0, x, None), a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps_c)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "plms", "dpmsolver"])
+def test_clip_x0_in_every_sampler_is_the_step_on_the_eps_of_the_clamped_x0(name):
+    """clip_x0 in every sampler: the clipped step equals the unclipped step fed the eps re-derived from
+    clamp(x0, -1, 1), and it changes the result when the predicted x0 is out of range."""
+    from bdmtool.trainer.samplers import clip_eps
+
+    def first_step(clip, eps):
+        s = make_sampler(name, D, clip_x0=clip)
+        s.set_timesteps(10)
+        return s.step(eps, 0, x, torch.Generator().manual_seed(0)), s
+
+    x = torch.full((1, 1, 2, 2), 3.0)
+    eps = torch.zeros_like(x) - 0.5  # predicted x0 = (x + 0.5 sqrt(1-a)) / sqrt(a) >> 1
+    clipped, s = first_step(True, eps)
+    a = float(D.alphas_cumprod[s.timesteps[0]])
+    x0_c, eps_c = clip_eps(eps, x, a)
+    assert torch.allclose(x0_c, torch.ones_like(x))
+    assert torch.allclose(clipped, first_step(False, eps_c)[0])
+    assert not torch.allclose(clipped, first_step(False, eps)[0])
+
+
+def test_user_facing_sampling_clips_by_default():
+    from bdmtool.trainer.sampling import SampleOptions
+
+    assert SampleOptions().clip_x0 and not SampleOptions(clip_x0=False).clip_x0

@@ -47,13 +47,16 @@ def cli() -> None:
               help="Activation bits [default: the method's: 4 binarydm/baseline, 1 others].")
 @click.option("--teacher", type=click.Path(dir_okay=False), default=None,
               help="FP checkpoint the binarized student starts from and distils [default: the embedded model].")
+@click.option("--init", type=click.Path(dir_okay=False), default=None,
+              help="FP training only: start from this FP checkpoint's weights (its U-Net, schedule and data) "
+                   "instead of random ones, e.g. to train the embedded model longer.")
 @click.option("--steps", type=int, default=None, help="Training steps (default: train.steps of the spec).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory (created; resumed if it has state.ckpt).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any spec field, e.g. --set train.lr=1e-4 --set unet.dropout=0.1 (repeatable).")
 @click.option("--no-resume", is_flag=True, help="Ignore an existing state.ckpt in --out and start over.")
 @_friendly
-def train(preset, data, method, wbits, abits, teacher, steps, out, overrides, no_resume):
+def train(preset, data, method, wbits, abits, teacher, init, steps, out, overrides, no_resume):
     """Train a full-precision U-Net, or a binarized one from an FP teacher (resumes exactly; DDP under torchrun)."""
     from bdmtool.trainer.spec import build_train_spec
     from bdmtool.trainer.train import train as run
@@ -61,7 +64,7 @@ def train(preset, data, method, wbits, abits, teacher, steps, out, overrides, no
     if method is not None and teacher is None:
         teacher = str(DEFAULT_CKPT)
     spec = build_train_spec(preset, data, steps, overrides, method=method,
-                            abits=None if abits is None else int(abits), teacher=teacher)
+                            abits=None if abits is None else int(abits), teacher=teacher, init=init)
     path = run(spec, out, resume=not no_resume)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"wrote {path}")
@@ -79,7 +82,8 @@ def train(preset, data, method, wbits, abits, teacher, steps, out, overrides, no
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
-@click.option("--clip-x0", is_flag=True, help="Clamp the predicted x0 to [-1, 1] each step (diffusers' clip_sample).")
+@click.option("--clip-x0/--no-clip-x0", default=True, show_default=True,
+              help="Clamp the predicted x0 to [-1, 1] each step and re-derive eps (diffusers' clip_sample).")
 @click.option("--tflite", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Sample an exported .tflite (with its sidecar .json) in the LCE interpreter instead of CKPT.")
 @_friendly
@@ -120,18 +124,21 @@ def import_(src, out, resolution, dropout):
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: 0].")
 @click.option("--qat-steps", type=int, default=None, help="QAT steps per binarized model [default: 200 x budget].")
 @click.option("--qat-batch", type=int, default=None, help="QAT batch size [default: 16].")
+@click.option("--clip-x0/--no-clip-x0", default=True, show_default=True,
+              help="Clamp the predicted x0 to [-1, 1] in every sampler (PyTorch and .tflite).")
 @click.option("--device", default=None, help="Also benchmark on a phone: adb:SERIAL (needs --benchmark-binary).")
 @click.option("--benchmark-binary", type=click.Path(dir_okay=False), default=None,
               help="lce_benchmark_model for the phone [default: $BDMTOOL_LCE_BENCHMARK].")
 @_friendly
-def demo(out, budget, n, steps, seed, qat_steps, qat_batch, device, benchmark_binary):
+def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, benchmark_binary):
     """Run the whole product on the embedded default model; writes OUT/index.html and OUT/report.md (stages are reused)."""
     import dataclasses
 
     from bdmtool.tools.demo import DemoBudget, run_demo
 
     b = DemoBudget().scaled(budget)
-    given = {"n_samples": n, "steps": steps, "seed": seed, "qat_steps": qat_steps, "qat_batch": qat_batch}
+    given = {"n_samples": n, "steps": steps, "seed": seed, "qat_steps": qat_steps, "qat_batch": qat_batch,
+             "clip_x0": clip_x0}
     b = dataclasses.replace(b, **{k: v for k, v in given.items() if v is not None})
     run_demo(out, b, device=device, benchmark_binary=benchmark_binary, log=click.echo)
 
@@ -172,18 +179,43 @@ def export(ckpt, target, out, name, a8, tol):
 @click.option("--eta", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--clip-x0/--no-clip-x0", default=True, show_default=True,
+              help="Clamp the predicted x0 to [-1, 1] each sampling step (checkpoint / .tflite sources).")
 @click.option("--kid", "with_kid", is_flag=True, help="Also compute KID.")
 @click.option("--inception-is-weights", type=click.Path(), default=None,
               help="Classic Inception weights with the classifier head, needed for the Inception Score.")
 @_friendly
-def eval_(source, reference, ref_limit, out, n, steps, eta, seed, batch_size, with_kid, inception_is_weights):
+def eval_(source, reference, ref_limit, out, n, steps, eta, seed, batch_size, clip_x0, with_kid,
+          inception_is_weights):
     """FID, sFID, precision/recall of SOURCE: a checkpoint, a .tflite, an .npz of samples or an image folder."""
     from bdmtool.tools.evaluate import evaluate
     from bdmtool.trainer.sampling import SampleOptions
 
-    opts = SampleOptions(n=n, steps=steps, eta=eta, seed=seed, batch_size=batch_size)
+    opts = SampleOptions(n=n, steps=steps, eta=eta, seed=seed, batch_size=batch_size, clip_x0=clip_x0)
     evaluate(source, out, opts, reference=reference, ref_limit=ref_limit, with_kid=with_kid,
              inception_is_weights=inception_is_weights, log=click.echo)
+
+
+@cli.command()
+@click.argument("ckpts", nargs=-1, type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--teacher", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="FP model to compare with [default: the first student's teacher].")
+@click.option("--n", type=int, default=256, show_default=True, help="Images per timestep.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--timesteps", default=None, help="Comma-separated timesteps [default: 10,50,100,250,500,750,900,980].")
+@click.option("--out", type=click.Path(file_okay=False), default="diagnose", show_default=True)
+@_friendly
+def diagnose(ckpts, teacher, n, seed, timesteps, out):
+    """Per-timestep eps-MSE and DC pass-through (slope, x0 error) of CKPTS next to their FP teacher; JSON + plot."""
+    from bdmtool.tools.diagnose import diagnose as run
+
+    try:
+        ts = tuple(int(v) for v in timesteps.split(",")) if timesteps else None
+    except ValueError:
+        raise ValueError(f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
+    if n < 2:
+        raise ValueError("--n must be >= 2 (a slope needs two images)")
+    run(list(ckpts), out, teacher=teacher, n=n, seed=seed, timesteps=ts, log=click.echo)
 
 
 @cli.command()

@@ -39,12 +39,14 @@ class DemoBudget:
     steps: int = 50  # DDIM steps
     seed: int = 0
     bench_runs: int = 10
+    clip_x0: bool = True  # every sampler (PyTorch and .tflite) clamps the predicted x0 to [-1, 1]
 
     def scaled(self, k: float) -> "DemoBudget":
         if k <= 0:
             raise ValueError(f"--budget must be > 0, got {k}")
         return DemoBudget(max(1, round(self.qat_steps * k)), self.qat_batch, max(4, round(self.n_samples * k)),
-                          min(5000, max(16, round(self.n_reference * k))), self.steps, self.seed, self.bench_runs)
+                          min(5000, max(16, round(self.n_reference * k))), self.steps, self.seed, self.bench_runs,
+                          self.clip_x0)
 
 
 @dataclass
@@ -111,8 +113,9 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = budget
-    opts = SampleOptions(n=b.n_samples, steps=b.steps, seed=b.seed, batch_size=min(b.n_samples, 128))
-    sample_args = f"--n {b.n_samples} --steps {b.steps} --seed {b.seed}"
+    opts = SampleOptions(n=b.n_samples, steps=b.steps, seed=b.seed, batch_size=min(b.n_samples, 128),
+                         clip_x0=b.clip_x0)
+    sample_args = f"--n {b.n_samples} --steps {b.steps} --seed {b.seed}" + ("" if b.clip_x0 else " --no-clip-x0")
     ref_cache: dict = {}
 
     def reference():

@@ -87,7 +87,7 @@ def evaluate(source: str | Path, out: str | Path, opts, reference: str | None = 
     metrics = fid.compare(samples, ref, with_kid=with_kid)
     metrics.update(sample_source=src_meta, reference=desc, eval_seconds=round(time.perf_counter() - t0, 1))
     if src_meta["kind"] in ("checkpoint", "tflite"):
-        metrics["sampling"] = {k: getattr(opts, k) for k in ("n", "steps", "eta", "sampler", "skip", "seed")}
+        metrics["sampling"] = {k: getattr(opts, k) for k in ("n", "steps", "eta", "sampler", "skip", "seed", "clip_x0")}
     save_grid(samples[:64], out / "grid.png", scale=2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(f"[eval] FID {metrics['fid']:.2f}  sFID {metrics['sfid']:.2f}  precision {metrics['precision']:.3f}  "

@@ -14,6 +14,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         return export_convs(ckpt, out, log=log)
     if target == "fp":
         ckpt = fp_source(ckpt)
+    if target == "lce":  # refuse in a second what the exporter would refuse after the bundle
+        from bdmtool.exporter.binary_layers import NotExportableError, padding_refusal
+        from bdmtool.trainer.checkpoint import read_spec
+
+        b = read_spec(ckpt).binarize
+        if why := padding_refusal(b.to_dict() if b else None, a8):
+            raise NotExportableError(why)
     bundle = write_bundle(ckpt, Path(out) / "bundle")
     log(f"[bundle] {bundle}")
     if target == "fp":

@@ -8,7 +8,8 @@ holds the latent float weights), so FP weights load before or after the swap.
 One forward of a binary layer (input x, latent weights W)::
 
     x_q = act_quantizer(x)                      # ACT_QUANTIZERS[cfg.act]; sign(0) = +1
-    x_q = pad(x_q, +1 if 1-bit else Qp*step)    # what LCE computes: 'same-one' bconvs (on every bit plane)
+    x_q = pad(x_q, +1 if 1-bit else Qp*step)    # what LCE computes: 'same-one' bconvs (on every bit plane);
+                                                # multi-bit with cfg.act_pad='zero': 0 (the int8 path)
     y   = conv(x_q, weight_binarizer(W))        # WEIGHT_BINARIZERS[cfg.weight], per-output-channel scale
     y   = y * K(mean_c |x|)                     # XNOR (fixed box filter) / BiDM TBS (learnable k x k conv)
     y   = y * Gamma                             # XNOR++ a_o (x) b_h (x) c_w
@@ -207,7 +208,7 @@ class BinaryConv2d(nn.Module):
         if not bool(self.active):  # progressive binarization: still the original float layer
             return F.conv2d(x, self.weight4d(), self.bias, stride=self.stride, padding=self.padding)
         xq = self.quantize_input(x)
-        if self.padding and self.cfg.abits not in (1, 32):
+        if self.padding and self.cfg.abits not in (1, 32) and self.cfg.act_pad == "top":
             # Multi-bit: pad with the top level Qp * step, i.e. every +-1 bit plane padded with +1, which is what
             # LCE's fast 'same-one' bconvs compute (the constant part then folds into a per-channel bias).
             p = self.padding
@@ -237,6 +238,37 @@ class BinaryConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, s={self.stride}, p={self.padding}, "
                 f"w={self.weight_fn.registry_name}, a={self.cfg.act}/{self.cfg.abits}b, linear={self.is_linear}")
+
+
+class DCBypass(nn.Module):
+    """Float path for the image mean: ``eps += g[bucket(t)] * mean_hw(x_t)`` per channel (bdmtool).
+
+    A binary U-Net quantizes away the per-image mean of x_t (about 1/32 of a pixel's noise, far below one
+    activation level), yet at high t the mean of the noise is almost exactly the mean of x_t, and DDIM
+    multiplies an error in it by sqrt((1 - abar) / abar) ~ 100. ``g`` is learned per timestep bucket,
+    from 0 (the student starts as the plain binarized teacher); it is stored as ``gain_raw`` with
+    g = ``lr_scale`` * gain_raw so that Adam moves it ``lr_scale`` times faster than the weights. It runs
+    as a forward hook on the whole U-Net, which itself stays unaware of it; the exporter adds a MEAN, a
+    GATHER, a MUL and an ADD.
+    """
+
+    def __init__(self, buckets: int, timesteps: int, lr_scale: float):
+        super().__init__()
+        self.buckets, self.timesteps, self.lr_scale = buckets, timesteps, lr_scale
+        self.gain_raw = nn.Parameter(torch.zeros(buckets))
+
+    def gains(self) -> torch.Tensor:
+        return self.gain_raw * self.lr_scale
+
+    def bucket(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.long() * self.buckets // self.timesteps).clamp(0, self.buckets - 1)
+
+    def hook(self, module: nn.Module, args: tuple, eps: torch.Tensor) -> torch.Tensor:
+        x, t = args[0], args[1]
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        g = self.gains()[self.bucket(t)].reshape(-1, 1, 1, 1)
+        return eps + g * x.mean(dim=(2, 3), keepdim=True)
 
 
 class TimestepCache(nn.Module):
@@ -320,6 +352,9 @@ def binarize_(model: nn.Module, cfg: BinarizeConfig, example_input: tuple[torch.
         for i, site in enumerate(sites):
             model.get_submodule(site).register_forward_hook(cache.hook(i))
         model.register_forward_pre_hook(lambda mod, args: setattr(cache, "t", args[1]))
+    if cfg.dc_bypass == "timestep_gain":
+        model.dc_bypass = DCBypass(cfg.dc_bypass_buckets, timesteps, cfg.dc_bypass_lr_scale)
+        model.register_forward_hook(model.dc_bypass.hook)  # a bound method: deep copies follow the module
     return model
 
 

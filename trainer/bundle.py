@@ -33,7 +33,7 @@ def _layer_record(m: BinaryConv2d) -> dict:
             "act": m.cfg.act, "weight": m.weight_fn.registry_name, "active": bool(m.active),
             "two_bases": m.sigma2 is not None and bool(m.second_basis), "bias": m.bias is not None,
             "threshold": m.threshold is not None, "lsq_step": m.step is not None,
-            "lsq_mode": m.cfg.lsq_step, "act_scale": m.cfg.act_scale if m.k_conv is not None else "none",
+            "lsq_mode": m.cfg.lsq_step, "act_pad": m.cfg.act_pad, "act_scale": m.cfg.act_scale if m.k_conv is not None else "none",
             "output_scale": m.gamma_o is not None, "post": m.cfg.post if m.post is not None else "none",
             "shortcut": m.shortcut_kind, "shortcut_conv": m.shortcut_conv is not None}
 

@@ -5,8 +5,11 @@ in evaluation order (descending), and ``step(eps, i, x, generator)`` maps x_{t_i
 ``sample_loop(eps_fn, sampler, x_T)`` runs any of them over any epsilon function: a PyTorch model,
 a stateful binarized model with timestep caches, or a ``.tflite`` interpreter.
 
-DDIM follows ermongroup/ddim ``generalized_steps`` exactly (no x0 clipping, abar_{-1} = 1), including
-its ``uniform`` and ``quad`` timestep skipping (diffusers cannot express ``quad``).
+DDIM follows ermongroup/ddim ``generalized_steps`` exactly (abar_{-1} = 1), including its ``uniform`` and
+``quad`` timestep skipping (diffusers cannot express ``quad``). ``clip_x0`` (off in the sampler classes,
+on in every user-facing path through ``SampleOptions``) clamps the predicted x0 to [-1, 1] and re-derives
+eps from it (diffusers' ``clip_sample``); for pixel-space models this stops a DC error in eps, which DDIM
+multiplies by sqrt((1 - abar) / abar) ~ 100 at high t, from saturating a sample.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ class Sampler(abc.ABC):
 
     name = "sampler"
 
-    def __init__(self, diffusion: Diffusion):
+    def __init__(self, diffusion: Diffusion, clip_x0: bool = False):
         self.diffusion = diffusion
         self.abar = diffusion.alphas_cumprod  # float64 [T]
+        self.clip_x0 = clip_x0
         self._timesteps: list[int] | None = None
 
     @property
@@ -68,6 +72,12 @@ class Sampler(abc.ABC):
         return 1.0 if i + 1 >= len(ts) else float(self.abar[ts[i + 1]])
 
 
+def clip_eps(eps: torch.Tensor, x: torch.Tensor, a: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) with x0 = clamp((x - sqrt(1-a) eps) / sqrt(a), -1, 1) and eps re-derived from that x0."""
+    x0 = ((x - (1 - a) ** 0.5 * eps) / a ** 0.5).clamp(-1, 1)
+    return x0, (x - a**0.5 * x0) / (1 - a) ** 0.5
+
+
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
@@ -76,10 +86,10 @@ class _SkippingSampler(Sampler):
     """Samplers that run on an ermongroup timestep subsequence (``uniform`` or ``quad``)."""
 
     def __init__(self, diffusion: Diffusion, skip: str, clip_x0: bool):
-        super().__init__(diffusion)
+        super().__init__(diffusion, clip_x0)
         if skip not in SKIP_TYPES:
             raise ValueError(f"unknown timestep skip {skip!r}; choose from {list(SKIP_TYPES)}")
-        self.skip, self.clip_x0 = skip, clip_x0
+        self.skip = skip
 
     def set_timesteps(self, n: int) -> None:
         self._timesteps = ddim_timesteps(self.diffusion.num_timesteps, n, self.skip)[::-1]
@@ -103,10 +113,10 @@ class DDIMSampler(_SkippingSampler):
 
     def step(self, eps, i, x, generator):
         a, a_prev = float(self.abar[self.timesteps[i]]), self._prev_abar(i)
-        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
         if self.clip_x0:  # diffusers' clip_sample: clamp x0 and re-derive eps from it
-            x0 = x0.clamp(-1, 1)
-            eps = (x - a**0.5 * x0) / (1 - a) ** 0.5
+            x0, eps = clip_eps(eps, x, a)
+        else:
+            x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
         sigma = self.eta * ((1 - a / a_prev) * (1 - a_prev) / (1 - a)) ** 0.5
         out = a_prev ** 0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
@@ -144,10 +154,13 @@ class DDPMSampler(_SkippingSampler):
 
 
 class DiffusersSampler(Sampler):
-    """PLMS (``PNDMScheduler(skip_prk_steps=True)``) or DPM-Solver++ (2M) from diffusers, on our betas."""
+    """PLMS (``PNDMScheduler(skip_prk_steps=True)``) or DPM-Solver++ (2M) from diffusers, on our betas.
 
-    def __init__(self, diffusion: Diffusion, kind: str):
-        super().__init__(diffusion)
+    ``clip_x0`` hands the scheduler the eps re-derived from the clamped x0 (both solvers are written in
+    eps, or convert eps to x0 internally, so this is the same clamp DDIM applies)."""
+
+    def __init__(self, diffusion: Diffusion, kind: str, clip_x0: bool = False):
+        super().__init__(diffusion, clip_x0)
         try:
             import diffusers
         except ImportError as e:  # pragma: no cover - diffusers is in the lock file
@@ -169,6 +182,8 @@ class DiffusersSampler(Sampler):
 
     def step(self, eps, i, x, generator):
         t = self.scheduler.timesteps[i]
+        if self.clip_x0:
+            eps = clip_eps(eps, x, float(self.abar[int(t)]))[1].to(eps.dtype)
         return self.scheduler.step(eps, t, x).prev_sample  # both are deterministic multistep solvers
 
 
@@ -177,13 +192,14 @@ SAMPLERS = ("ddim", "ddpm", "plms", "dpmsolver")
 
 def make_sampler(name: str, diffusion: Diffusion, eta: float = 0.0, skip: str = "uniform",
                  clip_x0: bool = False) -> Sampler:
-    """Build a sampler by name: ``ddim`` (eta, skip, clip_x0), ``ddpm`` (skip, clip_x0), ``plms``, ``dpmsolver``."""
+    """Build a sampler by name: ``ddim`` (eta, skip, clip_x0), ``ddpm`` (skip, clip_x0), ``plms`` and
+    ``dpmsolver`` (clip_x0)."""
     if name == "ddim":
         return DDIMSampler(diffusion, eta=eta, skip=skip, clip_x0=clip_x0)
     if name == "ddpm":
         return DDPMSampler(diffusion, skip=skip, clip_x0=clip_x0)
     if name in ("plms", "dpmsolver"):
-        return DiffusersSampler(diffusion, name)
+        return DiffusersSampler(diffusion, name, clip_x0=clip_x0)
     raise ValueError(f"unknown sampler {name!r}; choose from {list(SAMPLERS)}")
 
 

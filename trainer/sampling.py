@@ -26,7 +26,7 @@ class SampleOptions:
     skip: str = "uniform"
     seed: int = 0
     batch_size: int = 64
-    clip_x0: bool = False
+    clip_x0: bool = True  # clamp the predicted x0 to [-1, 1] each step (pixel-space models; --no-clip-x0)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1:

@@ -113,6 +113,8 @@ class TrainConfig(Config):
     steps: int = 5000
     batch_size: int = 64
     lr: float = 2e-4
+    lr_decay: Literal["none", "cosine"] = "none"  # cosine: lr -> lr_final_ratio * lr at the last step
+    lr_final_ratio: float = 0.1
     weight_decay: float = 0.0
     warmup_steps: int = 200
     grad_clip: float = 1.0
@@ -130,6 +132,7 @@ class TrainConfig(Config):
         check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         check(self.log_every >= 1 and self.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
         check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        check(0.0 <= self.lr_final_ratio <= 1.0, f"train.lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
 
 
 WEIGHT_BINARIZER_NAMES = ("ste_sign", "scaled_sign", "magnitude_aware_sign", "ebb", "dorefa", "reste")
@@ -170,6 +173,13 @@ class BinarizeConfig(Config):
     cache_delta: int = 20  # training draws the cache at t + delta (= the sampler's stride)
     reste_o_end: float = 3.0  # ReSTE annealing o: 1 -> o_end over training
     lsq_step: Literal["learned", "per_batch"] = "learned"  # per_batch: the official code's re-init every forward
+    # Border of multi-bit activations: "top" = the top LSQ level Qp*step (what bit-plane export needs),
+    # "zero" = zero padding (exact on the int8 path, zero point 0; half the initial error of "top").
+    act_pad: Literal["top", "zero"] = "top"
+    # Float path for the image mean (bdmtool, not in the papers): eps += g[bucket(t)] * mean_hw(x_t).
+    dc_bypass: Literal["none", "timestep_gain"] = "none"
+    dc_bypass_buckets: int = 20  # gains per t // (T / buckets)
+    dc_bypass_lr_scale: float = 100.0  # g = lr_scale * g_raw: the gains learn lr_scale times faster under Adam
 
     def validate(self) -> None:
         check(self.wbits == 1, f"binarize.wbits must be 1 (binary weights), got {self.wbits}")
@@ -186,6 +196,8 @@ class BinarizeConfig(Config):
               "binarize.ebb_layers needs binarize.weight='scaled_sign' (EBB adds sigma_II on those layers)")
         check(self.progressive_every >= 1, "binarize.progressive_every must be >= 1")
         check(self.cache_buckets >= 1 and self.cache_delta >= 1, "binarize.cache_buckets/cache_delta must be >= 1")
+        check(self.dc_bypass_buckets >= 1, "binarize.dc_bypass_buckets must be >= 1")
+        check(self.dc_bypass_lr_scale > 0, "binarize.dc_bypass_lr_scale must be > 0")
 
     @property
     def may_leave_parameters_unused(self) -> bool:
@@ -197,10 +209,12 @@ class BinarizeConfig(Config):
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
         cfg = METHODS[method]
-        if abits is None or abits == cfg.abits:
-            return cfg
-        act = {1: cfg.act if cfg.abits == 1 else "ste_sign", 32: "identity"}.get(abits, "lsq")
-        return cfg.replace(abits=abits, act=act, act_scale=cfg.act_scale if abits == 1 else "none")
+        if abits is not None and abits != cfg.abits:
+            act = {1: cfg.act if cfg.abits == 1 else "ste_sign", 32: "identity"}.get(abits, "lsq")
+            cfg = cfg.replace(abits=abits, act=act, act_scale=cfg.act_scale if abits == 1 else "none")
+        if cfg.abits == 8:  # W1A8 deploys as int8 by default, where zero padding is exact
+            cfg = cfg.replace(act_pad="zero")
+        return cfg
 
 
 _BIDM_FP = ("conv_in", "conv_out", "temb.dense.*", "*.nin_shortcut")
@@ -257,8 +271,11 @@ class TrainSpec(Config):
     binarize: BinarizeConfig | None = None  # None: full-precision training
     distill: DistillConfig = DistillConfig()
     teacher: str = ""  # FP checkpoint the binarized student starts from and distils (required for QAT)
+    init: str = ""  # FP training only: start from this checkpoint's (EMA) weights instead of random ones
 
     def validate(self) -> None:
+        check(not (self.init and self.binarize is not None),
+              "--init is for full-precision training; a binarized student starts from --teacher")
         check(self.binarize is None or bool(self.teacher),
               "a binarized run needs a full-precision teacher: --teacher fp_model.ckpt")
         check(self.unet.in_channels == self.data.channels,
@@ -270,7 +287,7 @@ class TrainSpec(Config):
 
 def build_train_spec(preset: str = "tiny", data: str | None = None, steps: int | None = None,
                      overrides: tuple[str, ...] | list[str] = (), method: str | None = None,
-                     abits: int | None = None, teacher: str | None = None) -> TrainSpec:
+                     abits: int | None = None, teacher: str | None = None, init: str | None = None) -> TrainSpec:
     """The spec the CLI's ``train`` builds.
 
     Full precision (``method=None``): a U-Net preset, ``data`` as ``NAME[:PATH]`` (default mnist5k).
@@ -278,7 +295,15 @@ def build_train_spec(preset: str = "tiny", data: str | None = None, steps: int |
     the data), the method's binarize preset at ``abits``, its distillation preset, and for BinaryDM the EBB
     stage switch at half the steps. ``--set`` overrides apply last.
     """
-    if method is None:
+    if method is None and init:
+        from .checkpoint import read_spec
+
+        ispec = read_spec(init)
+        if ispec.binarize is not None:
+            raise ConfigError(f"--init {init} is a binarized checkpoint; fine-tune from a full-precision one")
+        base = TrainSpec(unet=ispec.unet, diffusion=ispec.diffusion,
+                         data=_data_config(data, ispec.unet) if data else ispec.data, init=str(init))
+    elif method is None:
         unet = UNetConfig.from_name(preset)
         base = TrainSpec(unet=unet, data=_data_config(data or "mnist5k", unet))
     else:

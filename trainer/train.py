@@ -11,6 +11,7 @@ Run several processes with ``torchrun --nproc_per_node=N -m bdmtool.tools.cli tr
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -104,14 +105,23 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
-    w = spec.train.warmup_steps
-    return spec.train.lr * min(1.0, (step + 1) / w) if w else spec.train.lr
+    """Linear warm-up over ``warmup_steps``, then constant or a cosine decay to ``lr_final_ratio * lr``."""
+    tc = spec.train
+    w = tc.warmup_steps
+    lr = tc.lr * min(1.0, (step + 1) / w) if w else tc.lr
+    if tc.lr_decay == "cosine" and step >= w:
+        frac = (step - w) / max(1, tc.steps - 1 - w)
+        lr = tc.lr * (tc.lr_final_ratio + (1 - tc.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    return lr
 
 
 def _check_resume_spec(saved: TrainSpec, spec: TrainSpec, path: Path) -> None:
-    """Everything but the step budget and logging cadence must match to resume."""
-    a = saved.replace(train=saved.train.replace(steps=1, log_every=1, ckpt_every=1, threads=0))
-    b = spec.replace(train=spec.train.replace(steps=1, log_every=1, ckpt_every=1, threads=0))
+    """Everything but the step budget and logging cadence must match to resume (the budget too when the
+    learning rate decays over it: a cosine schedule stretched mid-run would not be the same run)."""
+    def key(s: TrainSpec) -> TrainSpec:
+        steps = s.train.steps if s.train.lr_decay != "none" else 1
+        return s.replace(train=s.train.replace(steps=steps, log_every=1, ckpt_every=1, threads=0))
+    a, b = key(saved), key(spec)
     if a != b:
         diff = [k for k, v in b.to_dict().items() if a.to_dict()[k] != v]
         raise ValueError(f"{path} was written by a run with a different spec (sections {diff}); "
@@ -225,6 +235,11 @@ def build_student(spec: TrainSpec, init_weights: dict | None = None):
     weights, with the teacher frozen and kept as a separate copy for distillation."""
     if spec.binarize is None:
         model = UNet(spec.unet)
+        if init_weights is None and spec.init:
+            init, ispec, _ = load_model(spec.init)
+            if ispec.binarize is not None or ispec.unet != spec.unet:
+                raise ValueError(f"--init {spec.init} must be a full-precision checkpoint of the same U-Net")
+            init_weights = init.state_dict()
         if init_weights is not None:
             model.load_state_dict(init_weights)
         return model, None

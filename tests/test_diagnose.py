@@ -1,0 +1,65 @@
+"""The DC pass-through diagnostic: its statistics against hand computations, and the command end to end."""
+
+import json
+import math
+import subprocess
+
+import numpy as np
+import torch
+
+from conftest import MICRO_UNET, bdmtool_cmd
+from bdmtool.trainer.diagnostics.passthrough import dc_stats, high_t_slope, passthrough_report
+from bdmtool.trainer.diffusion import Diffusion
+from bdmtool.trainer.spec import DiffusionConfig, build_train_spec
+from bdmtool.trainer.train import train
+
+COMMON = ["data.limit=32", "train.batch_size=4", "train.threads=1"]
+
+
+def test_dc_stats_equal_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(50, 2, 4, 4, generator=g)
+    eps_hat = 0.5 * eps + 0.1  # the DC passes at half strength, shifted
+    st = dc_stats(eps_hat, eps)
+    d = eps.double().mean(dim=(2, 3)).flatten()
+    assert math.isclose(st["dc_slope"], 0.5, rel_tol=1e-6) and math.isclose(st["dc_corr"], 1.0, rel_tol=1e-6)
+    assert math.isclose(st["dc_rms"], float(((-0.5 * d + 0.1) ** 2).mean().sqrt()), rel_tol=1e-5)
+    assert math.isclose(st["mse"], float(((eps_hat.double() - eps.double()) ** 2).mean()), rel_tol=1e-9)
+    zero = dc_stats(torch.zeros_like(eps), eps)
+    assert zero["dc_slope"] == 0.0 and math.isclose(zero["dc_rms"], float((d**2).mean().sqrt()), rel_tol=1e-9)
+
+
+def test_report_of_a_zero_predictor():
+    """A model that predicts eps = 0: slope 0, MSE ~ 1, and the x0 DC error is dc_rms * sqrt((1-abar)/abar)."""
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    diff = Diffusion(DiffusionConfig())
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    rep = passthrough_report({"zero": Zero()}, diff, images, timesteps=(50, 900), n=32)
+    assert rep["n"] == 32 and rep["timesteps"] == [50, 900]
+    for r in rep["models"]["zero"]:
+        abar = float(diff.alphas_cumprod[r["t"]])
+        assert r["dc_slope"] == 0.0 and 0.8 < r["mse"] < 1.2
+        assert math.isclose(r["x0_dc_rms"], r["dc_rms"] * math.sqrt((1 - abar) / abar), rel_tol=1e-12)
+    assert high_t_slope(rep["models"]["zero"]) == 0.0
+
+
+def test_diagnose_command_on_a_teacher_and_two_students(tmp_path):
+    fp = train(build_train_spec("tiny", "digits", 4, [*MICRO_UNET, *COMMON]), tmp_path / "fp", progress=False)
+    ckpts = []
+    for arm, extra in (("plain", []), ("bypass", ["binarize.dc_bypass=timestep_gain"])):
+        spec = build_train_spec(method="baseline", abits=4, teacher=str(fp), steps=3, overrides=[*COMMON, *extra])
+        ckpts.append(str(train(spec, tmp_path / arm, progress=False)))
+    r = subprocess.run([*bdmtool_cmd(), "diagnose", *ckpts, "--n", "16", "--timesteps", "100,600,950",
+                        "--out", str(tmp_path / "d")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "d" / "diagnose.json").read_text())
+    assert len(rep["models"]) == 3 and next(iter(rep["models"])).startswith("teacher")  # the students' teacher
+    assert all(len(rows) == 3 for rows in rep["models"].values())
+    assert (tmp_path / "d" / "diagnose.png").stat().st_size > 10_000 and "DC slope" in r.stdout
+    bad = subprocess.run([*bdmtool_cmd(), "diagnose", ckpts[0], "--timesteps", "5000", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "--timesteps must lie in" in bad.stderr

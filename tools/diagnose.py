@@ -1,0 +1,52 @@
+"""``bdmtool diagnose``: per-timestep eps-MSE and DC pass-through of students next to their FP teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: int = 256, seed: int = 0,
+             timesteps: tuple[int, ...] | None = None, log=print) -> dict:
+    from bdmtool.trainer.data import load_images
+    from bdmtool.trainer.diagnostics.passthrough import (DEFAULT_TIMESTEPS, high_t_slope, markdown_table,
+                                                         passthrough_report, plot_passthrough)
+    from bdmtool.trainer.diffusion import Diffusion
+    from bdmtool.trainer.train import load_model
+
+    if not ckpts:
+        raise ValueError("diagnose needs at least one checkpoint")
+    loaded = {}
+    for c in ckpts:
+        model, spec, _ = load_model(c)
+        loaded[c] = (model, spec)
+    first_spec = loaded[ckpts[0]][1]
+    teacher = teacher or next((s.teacher for _, s in loaded.values() if s.teacher), None)
+    models = {}
+    if teacher and teacher not in loaded:
+        tmodel, tspec, _ = load_model(teacher)
+        if tspec.unet != first_spec.unet:
+            raise ValueError(f"--teacher {teacher} has a different U-Net than {ckpts[0]}")
+        models[f"teacher ({Path(teacher).name})"] = tmodel
+    for c, (model, spec) in loaded.items():
+        if spec.unet != first_spec.unet or spec.diffusion != first_spec.diffusion:
+            raise ValueError(f"{c} and {ckpts[0]} have different U-Nets or schedules; diagnose them separately")
+        label = spec.binarize.method + f" W1A{spec.binarize.abits}" if spec.binarize else "fp"
+        models[f"{label} ({Path(c).parent.name or Path(c).name})"] = model
+    images = load_images(first_spec.data)
+    ts = tuple(timesteps) if timesteps else DEFAULT_TIMESTEPS
+    if any(not 0 <= t < first_spec.diffusion.timesteps for t in ts):
+        raise ValueError(f"--timesteps must lie in [0, {first_spec.diffusion.timesteps - 1}]")
+    log(f"[diagnose] {len(models)} models x {len(ts)} timesteps x {min(n, len(images))} images ...")
+    rep = passthrough_report(models, Diffusion(first_spec.diffusion), images, ts, n=n, seed=seed)
+    rep["high_t_slope"] = {k: high_t_slope(v) for k, v in rep["models"].items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnose.json").write_text(json.dumps(rep, indent=2))
+    (out / "diagnose.md").write_text(markdown_table(rep) + "\n")
+    png = plot_passthrough(rep, out / "diagnose.png")
+    for k, v in rep["high_t_slope"].items():
+        mse_hi = [r["mse"] for r in rep["models"][k] if r["t"] >= 500]
+        log(f"[diagnose] {k}: DC slope at t>=500 {v:.2f}, eps-MSE at t>=500 {sum(mse_hi) / max(len(mse_hi), 1):.4f}")
+    log(f"[diagnose] wrote {out / 'diagnose.json'}, {out / 'diagnose.md'} and {png}")
+    return rep
