@@ -34,21 +34,26 @@ def _const_op(fn, name: str):
     return keras.layers.Lambda(fn, name=name)
 
 
-A8_KERNELS = ("int8", "bitplanes")
+A8_KERNELS = ("int8", "bitplanes")  # kernels of multi-bit (W1A4, W1A8) layers
 
 
-def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "int8", int8_ranges: dict | None = None,
-                probes: dict | None = None):
+def multibit_kernel(abits: int, a8: str = "int8", a4: str = "bitplanes") -> str | None:
+    """The kernel a layer with ``abits`` activation bits is exported with (None: not a multi-bit layer)."""
+    return {8: a8, 4: a4}.get(abits)
+
+
+def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "int8", a4: str = "bitplanes",
+                int8_ranges: dict | None = None, probes: dict | None = None):
     """Build the binary layer described by the bundle record ``rec`` on input ``x`` (NHWC).
 
-    W1A8 layers become an int8 ``CONV_2D`` (``a8="int8"``; ``int8_ranges`` holds each layer's calibrated
-    output range, and while it is None the float outputs are collected in ``probes`` for calibration) or
-    eight ``LceBconv2d`` bit planes (``a8="bitplanes"``).
+    W1A8 / W1A4 layers become an int8 ``CONV_2D`` (``a8`` / ``a4`` = "int8"; ``int8_ranges`` holds each
+    layer's calibrated output range, and while it is None the float outputs are collected in ``probes`` for
+    calibration) or eight / four ``LceBconv2d`` bit planes ("bitplanes").
     """
     name, w = rec["name"], builder.w
     if rec["abits"] == 32:  # W1A32: LCE has no binary-weight / float-activation kernel
         return _float_binary_weight_conv(builder, rec, x)
-    if rec["abits"] == 8 and a8 == "int8":
+    if multibit_kernel(rec["abits"], a8, a4) == "int8":
         return _int8_conv(builder, rec, x, int8_ranges, probes)
     if rec["abits"] != 1:
         return _bitplane_conv(builder, rec, x)
@@ -135,19 +140,19 @@ def _float_binary_weight_conv(builder: UNetBuilder, rec: dict, x):
     return y
 
 
-def padding_refusal(binarize: dict | None, a8: str) -> str | None:
+def padding_refusal(binarize: dict | None, a8: str = "int8", a4: str = "bitplanes") -> str | None:
     """Why a checkpoint's multi-bit padding cannot be exported on the requested kernel path (None: it can).
 
     Zero padding (``binarize.act_pad=zero``) is exact on the int8 path (zero point 0); bit planes are
     'same-one' bconvs, which reproduce only the top-level border the other mode trains with.
     """
-    if not binarize or binarize.get("act_pad", "top") != "zero" or binarize["abits"] in (1, 32):
+    if not binarize or binarize.get("act_pad", "top") != "zero":
         return None
-    if binarize["abits"] == 8 and a8 == "int8":
+    bits = binarize["abits"]
+    if multibit_kernel(bits, a8, a4) != "bitplanes":
         return None
-    path = "--a8 bitplanes" if binarize["abits"] == 8 else "W1A4 (bit planes are its only kernel today)"
-    return (f"this W1A{binarize['abits']} checkpoint was trained with zero padding (binarize.act_pad=zero, for the "
-            f"int8 path), which {path} cannot reproduce: export W1A8 with --a8 int8, or train with "
+    return (f"this W1A{bits} checkpoint was trained with zero padding (binarize.act_pad=zero, for the int8 path), "
+            f"which --a{bits} bitplanes cannot reproduce: export with --a{bits} int8, or train with "
             "--set binarize.act_pad=top for bit planes")
 
 
@@ -164,11 +169,11 @@ def _lsq_checks(rec: dict) -> None:
 
 
 def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: dict | None):
-    """W1A8 as one int8 ``CONV_2D``: the LSQ grid is an int8 grid, the +-scale weights are int8 numbers.
+    """W1A8 / W1A4 as one int8 ``CONV_2D``: the LSQ grid is an int8 grid, the +-scale weights are int8 numbers.
 
-    Exact parts: LSQ 8-bit levels round(clip(x/s, -128, 127)) * s are int8 with scale s and zero point 0
-    (a fake-quant over [-128 s, 127 s]); each output channel's weights +-a_o are int8 +-127 with scale a_o/127
-    (per-channel, symmetric). The border is padded as in training: 0 (act_pad=zero) or 127 s. Approximate part:
+    Exact parts: LSQ b-bit levels round(clip(x/s, Qn, Qp)) * s are int8 with scale s and zero point 0
+    (a clamp to [Qn s, Qp s] when b < 8, then a fake-quant over [-128 s, 127 s]); each output channel's weights +-a_o are int8 +-127 with scale a_o/127
+    (per-channel, symmetric). The border is padded as in training: 0 (act_pad=zero) or Qp s. Approximate part:
     TFLite's int8 convolution writes int8, so each layer's output is re-quantized to 256 levels over its
     calibrated range (``ranges[name] = (lo, hi)``), which the parity report measures. Everything else
     (norms, SiLU, time MLP, attention, first/last conv) stays float around QUANTIZE/DEQUANTIZE pairs.
@@ -177,15 +182,18 @@ def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: 
     name, w, kn = rec["name"], builder.w, keras_name(rec["name"])
     s, p, cout = rec["stride"], rec["padding"], rec["out_channels"]
     step = float(w.get(f"{name}.step"))
+    qn, qp = -(2 ** (rec["abits"] - 1)), 2 ** (rec["abits"] - 1) - 1  # W1A4: -8..7, a sub-grid of int8
     kernel = _real_kernel(w, rec).transpose(2, 3, 1, 0)  # OIHW -> HWIO; two EBB bases: 4 levels, not exact
     amax = np.maximum(np.abs(kernel).max(axis=(0, 1, 2)), 1e-12).astype(np.float32)
     bias = (w.get(f"{name}.bias", (cout,)) if rec["bias"] else np.zeros(cout)).astype(np.float32)
 
-    border = 127.0 * step if rec.get("act_pad", "top") == "top" else 0.0  # both exact int8 levels
+    border = qp * step if rec.get("act_pad", "top") == "top" else 0.0  # both exact int8 levels
 
     def conv(v, kernel=kernel, amax=amax, bias=bias, border=border):
         if p:
             v = tf.pad(v, [[0, 0], [p, p], [p, p], [0, 0]], constant_values=border)
+        if qp < 127:  # fewer bits: clamp to the LSQ range first, then the int8 grid holds exactly its levels
+            v = tf.clip_by_value(v, qn * step, qp * step)
         v = tf.quantization.fake_quant_with_min_max_args(v, min=-128.0 * step, max=127.0 * step, num_bits=8)
         kq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
             tf.constant(kernel), min=tf.constant(-amax), max=tf.constant(amax), num_bits=8, narrow_range=True)

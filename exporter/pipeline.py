@@ -158,32 +158,35 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
 
 
 def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float | None = None,
-               target: str = "lce", a8: str = "int8", log=print) -> ExportResult:
+               target: str = "lce", a8: str = "int8", a4: str = "bitplanes", log=print) -> ExportResult:
     """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files.
 
-    ``a8`` picks the kernel of W1A8 layers: ``int8`` (one int8 CONV_2D per layer, output re-quantized over a
-    calibrated range) or ``bitplanes`` (eight LceBconv2d per layer, exact up to level flips).
+    ``a8`` / ``a4`` pick the kernel of W1A8 / W1A4 layers: ``int8`` (one int8 CONV_2D per layer, output
+    re-quantized over a calibrated range) or ``bitplanes`` (eight / four LceBconv2d per layer, exact up to
+    level flips).
     """
     from functools import partial
 
-    from .binary_layers import A8_KERNELS, NotExportableError, binary_conv, padding_refusal
+    from .binary_layers import A8_KERNELS, NotExportableError, binary_conv, multibit_kernel, padding_refusal
     from .keras_unet import UNetBuilder
 
-    if a8 not in A8_KERNELS:
-        raise ValueError(f"a8={a8!r}: choose one of {A8_KERNELS}")
+    for flag, value in (("a8", a8), ("a4", a4)):
+        if value not in A8_KERNELS:
+            raise ValueError(f"{flag}={value!r}: choose one of {A8_KERNELS}")
     meta, weights, ref = read_bundle(bundle_dir)
-    if target == "lce" and (why := padding_refusal(meta["spec"].get("binarize"), a8)):
+    if target == "lce" and (why := padding_refusal(meta["spec"].get("binarize"), a8, a4)):
         raise NotExportableError(why)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     b = meta["spec"].get("binarize")
-    w1a8 = bool(target == "lce" and b and b["abits"] == 8)
-    int8 = w1a8 and a8 == "int8" and any(r["active"] and r["abits"] == 8 for r in meta["binary_layers"])
-    if tol is None:  # default: 1e-4, or the W1A8 bounds
-        tol = (INT8_TOL if int8 else A8_TOL) if w1a8 else 1e-4
-        if w1a8:
-            log(f"[lce] W1A8 ({a8}): parity tolerance {tol} (see {'INT8_TOL' if int8 else 'A8_TOL'} in "
-                "exporter/pipeline.py)")
+    abits = b["abits"] if (target == "lce" and b) else None
+    kernel = multibit_kernel(abits, a8, a4) if abits else None  # W1A8 / W1A4: "int8" or "bitplanes"
+    int8 = kernel == "int8" and any(r["active"] and r["abits"] == abits for r in meta["binary_layers"])
+    if tol is None:  # default: 1e-4, or the multi-bit bounds
+        tol = INT8_TOL if int8 else A8_TOL if abits == 8 else 1e-4
+        if kernel:
+            log(f"[lce] W1A{abits} ({kernel}): parity tolerance {tol} (see "
+                f"{'INT8_TOL' if int8 else 'A8_TOL' if abits == 8 else 'the default'} in exporter/pipeline.py)")
     name = name or (f"{b['method']}_w1a{b['abits']}" + ("_int8" if int8 else "") if b else "fp")
     if target == "keras-fp" and meta["binary_layers"]:
         meta = {**meta, "binary_layers": []}  # the same Keras rebuild, every layer float (cross-check)
@@ -194,18 +197,19 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     if target == "keras-fp":
         meta = {**meta, "timestep_cache": None}
         ref = {k: v for k, v in ref.items() if k not in ("x2", "t2", "eps2")}
-    factory = partial(binary_conv, a8=a8)
+    factory = partial(binary_conv, a8=a8, a4=a4)
     if int8:
         from .calibrate import int8_ranges
 
         probes: dict = {}
-        calib = UNetBuilder(meta, weights, partial(binary_conv, a8="int8", probes=probes)).build()
+        calib = UNetBuilder(meta, weights, partial(binary_conv, a8=a8, a4=a4, probes=probes)).build()
         ranges = int8_ranges(calib, probes, meta, ref)
         report["int8_output_ranges"] = ranges
-        log(f"[lce] W1A8 int8: calibrated the output range of {len(ranges)} layers on the reference inputs and "
-            "2 DDIM-20 trajectories")
-        factory = partial(binary_conv, a8="int8", int8_ranges=ranges)
-    report["a8_kernel"] = a8 if w1a8 else None
+        log(f"[lce] W1A{abits} int8: calibrated the output range of {len(ranges)} layers on the reference inputs "
+            "and 2 DDIM-20 trajectories")
+        factory = partial(binary_conv, a8=a8, a4=a4, int8_ranges=ranges)
+    report["a8_kernel"] = kernel if abits == 8 else None
+    report["a4_kernel"] = kernel if abits == 4 else None
     builder = UNetBuilder(meta, weights, factory)
     model = builder.build()
     keras_out = _reference_outputs(KerasDenoiser(model), ref)
@@ -220,7 +224,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     path.write_bytes(fb)
     expected = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] != 32]
     inv = inspect_model(fb, layer_names=[r["name"] for r in meta["binary_layers"]])
-    a8_layers = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] == 8] if int8 else []
+    a8_layers = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] == abits] if int8 else []
     verify_binary_layers(inv, [n for n in expected if n not in a8_layers], int8=a8_layers)
     report["ops"] = dict(inv.histogram)
     report["binary_layers"] = len(expected)
@@ -251,8 +255,8 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     report["int8_param_bytes"] = inv.int8_param_bytes
     side = sidecar(meta, inv, name, target, out_names=out_names,
                    cache_shapes={c.name.split(":")[0]: list(c.shape) for c in builder.cache_inputs})
-    if report["a8_kernel"]:
-        side["bits"]["a8_kernel"] = report["a8_kernel"]
+    if kernel:
+        side["bits"][f"a{abits}_kernel"] = kernel
     side_path = out / f"{name}.json"
     side_path.write_text(json.dumps(side, indent=2))
     (out / "export_report.json").write_text(json.dumps(report, indent=2))

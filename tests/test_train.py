@@ -83,6 +83,38 @@ def test_resume_refuses_a_different_spec(tmp_path, micro_overrides):
         train(_spec(micro_overrides, 4, "train.lr=5e-3"), tmp_path, progress=False)
 
 
+def test_cosine_lr_and_its_budget_is_part_of_the_resume_check(tmp_path, micro_overrides):
+    from bdmtool.trainer.train import lr_at
+
+    spec = _spec(micro_overrides, 10, "train.lr=1e-3", "train.lr_decay=cosine", "train.lr_final_ratio=0.1")
+    lrs = [lr_at(s, spec) for s in range(10)]
+    assert lrs[0] == 5e-4 and lrs[1] == 1e-3 and abs(lrs[-1] - 1e-4) < 1e-12  # warm-up 2, then 1e-3 -> 1e-4
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    train(spec, tmp_path, progress=False)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == lrs
+    with pytest.raises(ValueError, match="different spec"):  # a longer budget would stretch the decay mid-run
+        train(_spec(micro_overrides, 20, "train.lr=1e-3", "train.lr_decay=cosine", "train.lr_final_ratio=0.1"),
+              tmp_path, progress=False)
+
+
+def test_init_starts_fp_training_from_a_checkpoint(tmp_path, micro_overrides):
+    """--init: the model starts from the checkpoint's EMA weights, with its U-Net, schedule and data."""
+    from bdmtool.trainer.train import build_student, load_model
+
+    first = train(_spec(micro_overrides, 3), tmp_path / "a", progress=False)
+    spec = build_train_spec(init=str(first), steps=2, overrides=["train.threads=1", "train.batch_size=8"])
+    assert spec.init == str(first)
+    ref = load_model(first)[0].state_dict()
+    model, _ = build_student(spec)
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    assert spec.unet.ch_mult == (1, 2) and spec.data.source == "digits" and spec.data.limit == 64
+    train(spec, tmp_path / "b", progress=False)
+    r = subprocess.run([*bdmtool_cmd(), "train", "--init", str(tmp_path / "a" / "state.ckpt"), "--method", "xnor",
+                        "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--init is for full-precision" in r.stderr
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     p = tmp_path / "state.ckpt"
     p.write_bytes(b"\x00" * 100)

@@ -151,18 +151,22 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, ben
                    "convs: one binary + one FP micro-model per conv shape (OUT/convs/, for `bdmtool bench --convs`).")
 @click.option("--out", type=click.Path(file_okay=False), default="export", show_default=True)
 @click.option("--name", default=None,
-              help="Base name of the .tflite and its sidecar .json [default: METHOD_w1aBITS, + _int8 for W1A8 int8].")
+              help="Base name of the .tflite and its sidecar .json [default: METHOD_w1aBITS, + _int8 on the int8 path].")
 @click.option("--a8", type=click.Choice(["int8", "bitplanes"]), default="int8", show_default=True,
               help="Kernel for W1A8 layers: one int8 CONV_2D per layer (fast, output re-quantized to 8 bits) or "
                    "eight LceBconv2d bit planes (exact, slow). See the README's W1A8 section.")
+@click.option("--a4", type=click.Choice(["int8", "bitplanes"]), default="bitplanes", show_default=True,
+              help="Kernel for W1A4 layers: four LceBconv2d bit planes (exact) or one int8 CONV_2D per layer (the "
+                   "4-bit LSQ grid is a sub-grid of int8; each output is re-quantized to 8 bits, which flips some "
+                   "4-bit levels downstream: check its samples with `bdmtool eval`). Zero-padded W1A4 needs int8.")
 @click.option("--tol", type=float, default=None,
-              help="Max |d eps| allowed between stages [default: 1e-4; W1A8: 0.25 int8, 0.1 bit planes].")
+              help="Max |d eps| allowed between stages [default: 1e-4; int8 path: 0.25; W1A8 bit planes: 0.1].")
 @_friendly
-def export(ckpt, target, out, name, a8, tol):
+def export(ckpt, target, out, name, a8, a4, tol):
     """Export CKPT to a .tflite + sidecar JSON, checking parity at every stage and the binary op inventory."""
     from bdmtool.tools.export import export_checkpoint
 
-    result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, a8=a8, log=click.echo)
+    result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, a8=a8, a4=a4, log=click.echo)
     if target == "convs":
         return
     click.echo(f"wrote {result.tflite} ({result.report['file_bytes'] / 1024:.1f} KiB) and {result.sidecar}")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
-                      tol: float | None = None, a8: str = "int8", log: Callable[[str], None] = print):
+                      tol: float | None = None, a8: str = "int8", a4: str = "bitplanes",
+                      log: Callable[[str], None] = print):
     from bdmtool.trainer.bundle import write_bundle
 
     if target == "convs":
@@ -19,7 +20,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         from bdmtool.trainer.checkpoint import read_spec
 
         b = read_spec(ckpt).binarize
-        if why := padding_refusal(b.to_dict() if b else None, a8):
+        if why := padding_refusal(b.to_dict() if b else None, a8, a4):
             raise NotExportableError(why)
     bundle = write_bundle(ckpt, Path(out) / "bundle")
     log(f"[bundle] {bundle}")
@@ -31,7 +32,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         return export_onnx2tf(bundle, onnx_path, out, name=name or "fp", tol=1e-4 if tol is None else tol, log=log)
     from bdmtool.exporter.pipeline import export_lce
 
-    return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, log=log)
+    return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, a4=a4, log=log)
 
 
 def fp_source(ckpt: str | Path) -> str:

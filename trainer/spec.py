@@ -295,6 +295,8 @@ def build_train_spec(preset: str = "tiny", data: str | None = None, steps: int |
     the data), the method's binarize preset at ``abits``, its distillation preset, and for BinaryDM the EBB
     stage switch at half the steps. ``--set`` overrides apply last.
     """
+    if method is not None and init:
+        raise ConfigError("--init is for full-precision training; a binarized student starts from --teacher")
     if method is None and init:
         from .checkpoint import read_spec
 
