@@ -104,6 +104,26 @@ def test_binarized_checkpoint_samples_deterministically(tmp_path, teacher):
     assert a.shape == (3, 32, 32, 1) and (a == b).all()  # the timestep cache is reset for every run
 
 
+@pytest.mark.parametrize("method,abits", [("bidm", 1), ("dorefa", 1), ("reste", 1), ("binarydm", 4)])
+def test_packed_checkpoint_samples_like_the_original(tmp_path, teacher, method, abits):
+    """bdmtool pack: binary weights as sign bits + per-channel mean|W| (EBB stage-1 layers stay float); the
+    packed file is much smaller and samples the same images; --no-ema on it is refused (one set of weights)."""
+    import numpy as np
+
+    from bdmtool.tools.pack import pack_checkpoint
+    from bdmtool.trainer.checkpoint import CheckpointError
+
+    src = train(_qat_spec(teacher, method, abits, 3), tmp_path / method, progress=False)
+    info = pack_checkpoint(src, tmp_path / "packed.ckpt", log=lambda s: None)
+    assert info["layers"] > 10 and info["bytes"] < 0.5 * src.stat().st_size and info["max_abs_diff"] <= 1e-4
+    opts = SampleOptions(n=2, steps=4, seed=3)
+    for f, out in ((src, "a"), (tmp_path / "packed.ckpt", "b")):
+        sample_checkpoint(f, tmp_path / out, opts, progress=False)
+    assert (np.load(tmp_path / "a.npz")["arr_0"] == np.load(tmp_path / "b.npz")["arr_0"]).all()
+    with pytest.raises(CheckpointError, match="state.ckpt"):
+        sample_checkpoint(tmp_path / "packed.ckpt", tmp_path / "c", opts, use_ema=False, progress=False)
+
+
 def test_teacher_must_be_full_precision_and_match(tmp_path, teacher):
     train(_qat_spec(teacher, "xnor", 1, 1), tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="itself binarized"):

@@ -201,6 +201,19 @@ def eval_(source, reference, ref_limit, out, n, steps, eta, seed, batch_size, cl
 
 
 @cli.command()
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Packed checkpoint to write.")
+@click.option("--tol", type=float, default=1e-4, show_default=True, help="Max |d eps| vs CKPT on random inputs.")
+@_friendly
+def pack(ckpt, out, tol):
+    """Store a binarized checkpoint's binary weights as sign bits + per-channel scales (~10x smaller; samples
+    and exports the same)."""
+    from bdmtool.tools.pack import pack_checkpoint
+
+    pack_checkpoint(ckpt, out, tol=tol, log=click.echo)
+
+
+@cli.command()
 @click.argument("ckpts", nargs=-1, type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--teacher", type=click.Path(exists=True, dir_okay=False), default=None,
               help="FP model to compare with [default: the first student's teacher].")

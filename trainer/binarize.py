@@ -362,6 +362,13 @@ def binary_layers(model: nn.Module) -> list[BinaryConv2d]:
     return [m for m in model.modules() if isinstance(m, BinaryConv2d)]
 
 
+def packable_weights(model: nn.Module) -> list[str]:
+    """Parameter names of the latent weights whose forward depends only on sign(W) and the per-output-channel
+    mean |W| (active layers out of EBB stage 1): ``checkpoint.pack_weights`` may store them as bits."""
+    return [f"{m.name}.weight" for m in binary_layers(model)
+            if bool(m.active) and not (m.sigma2 is not None and bool(m.second_basis))]
+
+
 def reset_state(model: nn.Module) -> None:
     """Start of a sampling run: empty the BiDM timestep cache (if any)."""
     cache = getattr(model, "tbs_cache", None)

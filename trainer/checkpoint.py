@@ -92,4 +92,42 @@ def inference_weights(ckpt: dict, use_ema: bool = True) -> dict:
     """The weights to sample or export from: the EMA copy when present and wanted, else the raw model."""
     if use_ema and ckpt.get("ema") is not None:
         return ckpt["ema"]
-    return ckpt["model"]
+    if not use_ema and ckpt.get("ema") is None and ckpt.get("optimizer") is None:
+        raise CheckpointError("this checkpoint holds one set of weights (a run's model.ckpt is its EMA copy); "
+                              "the raw weights are in the run's state.ckpt: sample that with --no-ema")
+    return unpack_weights(ckpt)
+
+
+# Packed inference checkpoints: a binary layer's latent weights matter only through sign(W) and the
+# per-output-channel mean |W| (every weight binarizer's scale is that, a learned sigma, or a per-tensor mean
+# of equal-sized channels), so `pack_weights` stores them as bits + one float per output channel.
+
+
+def pack_weights(ckpt: dict, names: list[str]) -> dict:
+    """A copy of an inference checkpoint whose tensors ``names`` are stored as packed sign bits + per-row
+    mean |W| (``ckpt["packed"]``); ``load_checkpoint`` callers get them back through ``unpack_weights``."""
+    import numpy as np
+
+    weights = dict(ckpt["model"])
+    packed = {}
+    for n in names:
+        w = weights.pop(n).float()
+        rows = w.reshape(w.shape[0], -1)
+        bits = np.packbits((rows >= 0).numpy().astype(np.uint8), axis=None)
+        packed[n] = {"bits": torch.from_numpy(bits), "shape": torch.tensor(list(w.shape)),
+                     "scale": rows.abs().mean(dim=1)}
+    return {**ckpt, "model": weights, "ema": None, "optimizer": None, "rng": None, "packed": packed}
+
+
+def unpack_weights(ckpt: dict) -> dict:
+    """The state dict of ``ckpt["model"]``, with packed binary weights restored as sign * mean|W| per row."""
+    import numpy as np
+
+    weights = dict(ckpt["model"])
+    for n, p in (ckpt.get("packed") or {}).items():
+        shape = [int(v) for v in p["shape"]]
+        count = int(np.prod(shape))
+        bits = np.unpackbits(p["bits"].numpy(), count=count).astype(np.float32) * 2 - 1
+        rows = torch.from_numpy(bits).reshape(shape[0], -1) * p["scale"].float()[:, None]
+        weights[n] = rows.reshape(shape)
+    return weights
