@@ -1,17 +1,43 @@
 #!/usr/bin/env bash
-# Rebuilds the committed assets in bdmtool/assets/ (run from the repo root, inside .venv: ./run bdmtool ... works too).
-# 1. the embedded FP model (about 55 min on 2 cores), 2. its DDIM-50 grid, 3. short QAT runs + their grids.
+# Rebuilds the committed assets in bdmtool/assets/ (run from the repo root; ./run bdmtool ... works too).
+# Every step resumes: re-run the script after an interruption and finished runs are reused.
+#   1. the FP teacher: 6,000 steps from scratch (v1), then 8,000 more steps from v1's weights with a cosine
+#      learning rate (v2, the embedded tiny_mnist_fp.ckpt);  2. its grid and FID (1,000 samples vs MNIST-5k);
+#   3. the shipped students from it (about an hour of 2-core CPU each), packed to sign bits (bdmtool pack),
+#      with their grids, loss curves and pass-through diagnostics.
+# STAGE=teacher|students|all (default all). THREADS (default 2) sets torch's threads for the trainings.
 set -euo pipefail
 B=${BDMTOOL:-.venv/bin/bdmtool}
 A=bdmtool/assets
-$B train --preset tiny --data mnist5k --steps 6000 --out runs/tiny_mnist_fp \
-   --set train.seed=0 --set train.lr=3e-4 --set train.batch_size=64 --set train.ckpt_every=500 --set train.log_every=25
-cp runs/tiny_mnist_fp/model.ckpt $A/tiny_mnist_fp.ckpt
-$B sample $A/tiny_mnist_fp.ckpt --steps 50 --eta 0 --n 64 --seed 0 --out $A/tiny_mnist_fp.png
-for spec in "binarydm 4" "bidm 1"; do
-  set -- $spec
-  $B train --method $1 --abits $2 --teacher $A/tiny_mnist_fp.ckpt --steps 400 --out runs/qat_$1_w1a$2 \
-     --set train.batch_size=32 --set train.log_every=10 --set train.ckpt_every=100
-  $B sample runs/qat_$1_w1a$2/model.ckpt --steps 50 --eta 0 --n 64 --seed 0 --out $A/tiny_mnist_$1_w1a$2.png
-  cp runs/qat_$1_w1a$2/loss.png $A/tiny_mnist_$1_w1a$2_loss.png
-done
+STAGE=${STAGE:-all}
+T=train.threads=${THREADS:-2}
+
+if [ "$STAGE" = teacher ] || [ "$STAGE" = all ]; then
+  $B train --preset tiny --data mnist5k --steps 6000 --out runs/tiny_mnist_fp \
+     --set train.seed=0 --set train.lr=3e-4 --set train.batch_size=64 --set train.ckpt_every=500 --set train.log_every=25 --set $T
+  $B train --init runs/tiny_mnist_fp/model.ckpt --steps 8000 --out runs/tiny_mnist_fp_v2 \
+     --set train.seed=1 --set train.lr=2e-4 --set train.lr_decay=cosine --set train.lr_final_ratio=0.1 \
+     --set train.warmup_steps=200 --set train.batch_size=64 --set train.ckpt_every=250 --set train.log_every=25 --set $T
+  cp runs/tiny_mnist_fp_v2/model.ckpt $A/tiny_mnist_fp.ckpt
+  cp runs/tiny_mnist_fp_v2/loss.png $A/tiny_mnist_fp_loss.png
+  $B sample $A/tiny_mnist_fp.ckpt --steps 50 --eta 0 --n 64 --seed 0 --out $A/tiny_mnist_fp.png
+  $B eval $A/tiny_mnist_fp.ckpt --ref mnist5k --n 1000 --out runs/eval/tiny_mnist_fp
+fi
+
+if [ "$STAGE" = students ] || [ "$STAGE" = all ]; then
+  # name  method  abits  steps  (equal steps for the two W1A1 methods: BiDM vs its XNOR baseline)
+  for spec in "binarydm_w1a8 binarydm 8 6000" "binarydm_w1a4 binarydm 4 6000" "bidm_w1a1 bidm 1 3500" \
+              "xnor_w1a1 xnor 1 3500"; do
+    set -- $spec
+    $B train --method $2 --abits $3 --teacher $A/tiny_mnist_fp.ckpt --steps $4 --out runs/student_$1 \
+       --set train.seed=0 --set train.batch_size=32 --set train.lr=1e-3 --set train.lr_decay=cosine \
+       --set train.warmup_steps=100 --set train.log_every=25 --set train.ckpt_every=250 --set $T
+    $B pack runs/student_$1/model.ckpt --out $A/tiny_mnist_$1.ckpt
+    cp runs/student_$1/loss.png $A/tiny_mnist_$1_loss.png
+    $B sample $A/tiny_mnist_$1.ckpt --steps 50 --eta 0 --n 64 --seed 0 --out $A/tiny_mnist_$1.png
+    $B eval $A/tiny_mnist_$1.ckpt --ref mnist5k --n 1000 --out runs/eval/tiny_mnist_$1
+  done
+  $B diagnose $A/tiny_mnist_binarydm_w1a8.ckpt $A/tiny_mnist_binarydm_w1a4.ckpt $A/tiny_mnist_bidm_w1a1.ckpt \
+     $A/tiny_mnist_xnor_w1a1.ckpt --teacher $A/tiny_mnist_fp.ckpt --out runs/eval/diagnose_students
+  cp runs/eval/diagnose_students/diagnose.png $A/students_diagnose.png
+fi

@@ -214,7 +214,9 @@ class BinarizeConfig(Config):
             cfg = cfg.replace(abits=abits, act=act, act_scale=cfg.act_scale if abits == 1 else "none")
         if cfg.abits == 8:  # W1A8 deploys as int8 by default, where zero padding is exact
             cfg = cfg.replace(act_pad="zero")
-        return cfg
+        # bdmtool's float DC path for every method (docs/methods.md, "Students that draw");
+        # --set binarize.dc_bypass=none is the papers' recipe.
+        return cfg.replace(dc_bypass="timestep_gain")
 
 
 _BIDM_FP = ("conv_in", "conv_out", "temb.dense.*", "*.nin_shortcut")
