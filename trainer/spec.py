@@ -212,8 +212,6 @@ class BinarizeConfig(Config):
         if abits is not None and abits != cfg.abits:
             act = {1: cfg.act if cfg.abits == 1 else "ste_sign", 32: "identity"}.get(abits, "lsq")
             cfg = cfg.replace(abits=abits, act=act, act_scale=cfg.act_scale if abits == 1 else "none")
-        if cfg.abits == 8:  # W1A8 deploys as int8 by default, where zero padding is exact
-            cfg = cfg.replace(act_pad="zero")
         # bdmtool's float DC path for every method (docs/methods.md, "Students that draw");
         # --set binarize.dc_bypass=none is the papers' recipe.
         return cfg.replace(dc_bypass="timestep_gain")
