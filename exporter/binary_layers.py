@@ -172,8 +172,8 @@ def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: 
     """W1A8 / W1A4 as one int8 ``CONV_2D``: the LSQ grid is an int8 grid, the +-scale weights are int8 numbers.
 
     Exact parts: LSQ b-bit levels round(clip(x/s, Qn, Qp)) * s are int8 with scale s and zero point 0
-    (a clamp to [Qn s, Qp s] when b < 8, then a fake-quant over [-128 s, 127 s]); each output channel's weights +-a_o are int8 +-127 with scale a_o/127
-    (per-channel, symmetric). The border is padded as in training: 0 (act_pad=zero) or Qp s. Approximate part:
+    (a clamp to [Qn s, Qp s] when b < 8, then a fake-quant over [-128 s, 127 s]); each output channel's
+    weights +-a_o are int8 +-127 with scale a_o/127 (per-channel, symmetric). The border is padded as in training: 0 (act_pad=zero) or Qp s. Approximate part:
     TFLite's int8 convolution writes int8, so each layer's output is re-quantized to 256 levels over its
     calibrated range (``ranges[name] = (lo, hi)``), which the parity report measures. Everything else
     (norms, SiLU, time MLP, attention, first/last conv) stays float around QUANTIZE/DEQUANTIZE pairs.

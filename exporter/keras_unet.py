@@ -75,6 +75,11 @@ def group_norm(w: Weights, name: str, x, groups: int, eps: float):
     return y
 
 
+def timestep_bucket(t, buckets: int, timesteps: int):
+    """int32 index floor(t * buckets / T), clipped to the table (the graph twin of trainer.binarize's)."""
+    return tf.cast(tf.clip_by_value(tf.floor(t * float(buckets) / float(timesteps)), 0.0, buckets - 1.0), tf.int32)
+
+
 def silu(x):
     return keras.layers.Activation(tf.nn.silu)(x)
 
@@ -130,7 +135,7 @@ class UNetBuilder:
 
         def mix(z, alpha=alpha, buckets=buckets, T=T):
             h_, c_, t_, v_ = z
-            b = tf.cast(tf.clip_by_value(tf.floor(t_ * (buckets / T)), 0.0, buckets - 1.0), tf.int32)
+            b = timestep_bucket(t_, buckets, T)
             a = tf.reshape(tf.gather(tf.constant(alpha), tf.reshape(b, [-1])), [-1, 1, 1, 1]) * tf.reshape(v_, [-1, 1, 1, 1])
             return (1.0 - a) * h_ + a * c_
 
@@ -149,8 +154,8 @@ class UNetBuilder:
 
         def add(z, gains=gains, buckets=buckets, T=T):
             e_, x_, t_ = z
-            k = tf.cast(tf.clip_by_value(tf.floor(t_ * float(buckets) / float(T)), 0.0, buckets - 1.0), tf.int32)
-            g = tf.reshape(tf.gather(tf.constant(gains), tf.reshape(k, [-1])), [-1, 1, 1, 1])
+            g = tf.reshape(tf.gather(tf.constant(gains), tf.reshape(timestep_bucket(t_, buckets, T), [-1])),
+                           [-1, 1, 1, 1])
             return e_ + g * tf.reduce_mean(x_, axis=[1, 2], keepdims=True)
 
         return keras.layers.Lambda(add, name="dc_bypass")([eps, x, t])

@@ -240,6 +240,11 @@ class BinaryConv2d(nn.Module):
                 f"w={self.weight_fn.registry_name}, a={self.cfg.act}/{self.cfg.abits}b, linear={self.is_linear}")
 
 
+def timestep_bucket(t: torch.Tensor, buckets: int, timesteps: int) -> torch.Tensor:
+    """Index of the bucket ``t * buckets // timesteps`` (integer arithmetic: exact for integer t)."""
+    return (t.long() * buckets // timesteps).clamp(0, buckets - 1)
+
+
 class DCBypass(nn.Module):
     """Float path for the image mean: ``eps += g[bucket(t)] * mean_hw(x_t)`` per channel (bdmtool).
 
@@ -260,14 +265,11 @@ class DCBypass(nn.Module):
     def gains(self) -> torch.Tensor:
         return self.gain_raw * self.lr_scale
 
-    def bucket(self, t: torch.Tensor) -> torch.Tensor:
-        return (t.long() * self.buckets // self.timesteps).clamp(0, self.buckets - 1)
-
     def hook(self, module: nn.Module, args: tuple, eps: torch.Tensor) -> torch.Tensor:
         x, t = args[0], args[1]
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        g = self.gains()[self.bucket(t)].reshape(-1, 1, 1, 1)
+        g = self.gains()[timestep_bucket(t, self.buckets, self.timesteps)].reshape(-1, 1, 1, 1)
         return eps + g * x.mean(dim=(2, 3), keepdim=True)
 
 
@@ -292,7 +294,7 @@ class TimestepCache(nn.Module):
         self.cache = {}
 
     def bucket(self, t: torch.Tensor) -> torch.Tensor:
-        return (t.long() * self.buckets // self.timesteps).clamp(0, self.buckets - 1)
+        return timestep_bucket(t, self.buckets, self.timesteps)
 
     def hook(self, index: int):
         site = self.sites[index]

@@ -295,8 +295,6 @@ def build_train_spec(preset: str = "tiny", data: str | None = None, steps: int |
     the data), the method's binarize preset at ``abits``, its distillation preset, and for BinaryDM the EBB
     stage switch at half the steps. ``--set`` overrides apply last.
     """
-    if method is not None and init:
-        raise ConfigError("--init is for full-precision training; a binarized student starts from --teacher")
     if method is None and init:
         from .checkpoint import read_spec
 
@@ -318,7 +316,8 @@ def build_train_spec(preset: str = "tiny", data: str | None = None, steps: int |
         base = TrainSpec(unet=tspec.unet, diffusion=tspec.diffusion,
                          data=_data_config(data, tspec.unet) if data else tspec.data,
                          train=TrainConfig(lr=1e-4, warmup_steps=50), binarize=bcfg,
-                         distill=DISTILL_PRESETS.get(method, DistillConfig()), teacher=str(teacher))
+                         distill=DISTILL_PRESETS.get(method, DistillConfig()), teacher=str(teacher),
+                         init=str(init or ""))  # validate() refuses --init with a method
     if steps is not None:
         base = base.replace(train=base.train.replace(steps=steps))
     if base.binarize is not None and base.binarize.ebb_layers and base.binarize.ebb_stage2_step < 0:
