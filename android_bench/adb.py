@@ -51,9 +51,17 @@ def adb_executable() -> str:
     return exe
 
 
+DEVICES_TIMEOUT_S = float(os.environ.get("BDMTOOL_ADB_DEVICES_TIMEOUT", "30"))
+
+
 def list_devices(adb: str | None = None) -> list[DeviceInfo]:
     """Parse ``adb devices -l``: serial, state and model of every attached device."""
-    r = subprocess.run([adb or adb_executable(), "devices", "-l"], capture_output=True, text=True, timeout=60)
+    try:
+        r = subprocess.run([adb or adb_executable(), "devices", "-l"], capture_output=True, text=True,
+                           timeout=DEVICES_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DeviceError(f"'adb devices -l' did not answer within {DEVICES_TIMEOUT_S:.0f} s; restart the adb server "
+                          "(adb kill-server) and check the USB connection") from None
     if r.returncode != 0:
         raise DeviceError(f"'adb devices -l' failed (exit {r.returncode}): {r.stderr.strip()[-300:]}")
     out = []

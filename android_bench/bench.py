@@ -7,14 +7,13 @@ is recorded in ``results.json`` (status ``partial``) and raised as one line.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import results as R
-from ..files import file_sha256
+from ..files import FileFormatError, file_sha256, read_json
 from .adb import DeviceError
 from .options import BenchOptions
 
@@ -44,13 +43,9 @@ def _layers_from_ops(ops: list[dict]) -> dict[str, float]:
 
 
 def _is_binary(path: Path) -> bool:
-    from bdmtool.exporter.inspect_tflite import inspect_model
+    from bdmtool.exporter.inspect_tflite import inspect_file
 
-    try:
-        return inspect_model(path.read_bytes()).histogram.get("LceBconv2d", 0) > 0
-    except Exception:  # flatbuffers raise assorted errors on foreign bytes
-        raise ValueError(f"{path} is not a readable .tflite flatbuffer; pass a file written by "
-                         "`bdmtool export`") from None
+    return inspect_file(path).histogram.get("LceBconv2d", 0) > 0
 
 
 def run_bench(model: str | Path | None, baseline: str | Path | None, device: str, out_dir: str | Path,
@@ -67,9 +62,13 @@ def run_bench(model: str | Path | None, baseline: str | Path | None, device: str
         idx = Path(convs) / "convs.json" if Path(convs).is_dir() else Path(convs)
         if not idx.is_file():
             raise FileNotFoundError(f"{idx}: no micro-model index; write one with `bdmtool export CKPT --target convs`")
-        conv_index = json.loads(idx.read_text())
-        for s in conv_index["shapes"].values():
-            conv_files += [idx.parent / s["binary"], idx.parent / s["fp"]]
+        conv_index = read_json(idx, "micro-model index written by `bdmtool export CKPT --target convs`")
+        try:
+            for s in conv_index["shapes"].values():
+                conv_files += [idx.parent / s["binary"], idx.parent / s["fp"]]
+        except (KeyError, TypeError, AttributeError):
+            raise FileFormatError(f"{idx} has no valid 'shapes' table (each with 'binary' and 'fp' files); "
+                                  "re-create it with `bdmtool export CKPT --target convs`") from None
     if not paths and not conv_index:
         raise ValueError("nothing to benchmark: give a model, --baseline and/or --convs")
 

@@ -9,6 +9,7 @@ summary line and the op-profiling table.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -65,6 +66,9 @@ class DeviceRunner:
     def prepare(self, files: list[Path]) -> None:
         self.props = self.dev.properties()
         abi, need = self.props["abi"], elf_abi(self.binary)
+        if not abi:
+            raise DeviceError(f"[adb:{self.dev.serial}] check ABI: getprop ro.product.cpu.abi returned nothing; is the "
+                              "device fully booted? (adb shell getprop ro.product.cpu.abi)")
         if abi != need and not (abi == "arm64-v8a" and need == "armeabi-v7a"):
             raise DeviceError(f"[adb:{self.dev.serial}] check ABI: the device is {abi} but {self.binary.name} is "
                               f"built for {need}; use the lce_benchmark_model for {abi}")
@@ -84,7 +88,10 @@ class DeviceRunner:
 
     @staticmethod
     def _remote(path: Path) -> str:
-        return f"{REMOTE_DIR}/{path.name}"
+        """One device path per local file: two models with the same file name from different folders must not
+        overwrite each other (the tag is a hash of the absolute local path)."""
+        tag = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:10]
+        return f"{REMOTE_DIR}/{tag}_{path.name}"
 
     def measure(self, path: str | Path, binary: bool, profile: bool = True) -> dict:
         o, path = self.opts, Path(path)
@@ -96,7 +103,7 @@ class DeviceRunner:
             argv.append("--enable_op_profiling=true")
         avgs, runs = [], []
         for rep in range(o.repeats):
-            text = self.dev.shell(argv, f"benchmark {path.name} (repeat {rep + 1}/{o.repeats})")
+            text = self.dev.shell(argv, f"benchmark {path.name} (repeat {rep + 1}/{o.repeats})", timeout=o.timeout_s)
             try:
                 runs.append(parse_benchmark_output(text))
             except BenchmarkParseError as e:

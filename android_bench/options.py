@@ -15,7 +15,8 @@ class BenchOptions:
     runs / warmup_runs: timed and untimed invocations per repetition; repeats: repetitions per model
     (median and spread are taken over them); cooldown_s: pause between repetitions (thermal throttling);
     pin_big_cores: on a phone, ``taskset`` to the CPUs with the highest max frequency; xnnpack: XNNPACK for
-    float ops (``--use_xnnpack``); op_profiling: per-op tables on the phone (the host cannot profile ops).
+    float ops (``--use_xnnpack``); op_profiling: per-op tables on the phone (the host cannot profile ops);
+    timeout_s: the longest one benchmark invocation on the phone may take before it counts as hung.
     """
 
     threads: int = 1
@@ -26,13 +27,16 @@ class BenchOptions:
     pin_big_cores: bool = True
     xnnpack: bool = True
     op_profiling: bool = True
+    timeout_s: float = 300.0
 
     def __post_init__(self):
-        for f in ("threads", "runs", "repeats"):
+        for f, flag in (("threads", "--threads"), ("runs", "--runs"), ("repeats", "--repeats")):
             if getattr(self, f) < 1:
-                raise ValueError(f"bench option {f} must be >= 1, got {getattr(self, f)}")
-        if self.warmup_runs < 0 or self.cooldown_s < 0:
-            raise ValueError("bench options warmup_runs and cooldown_s must be >= 0")
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, f)}")
+        if self.warmup_runs < 0 or not 0 <= self.cooldown_s < float("inf"):
+            raise ValueError(f"--warmup and --cooldown must be >= 0, got {self.warmup_runs} and {self.cooldown_s}")
+        if not 0 < self.timeout_s < float("inf"):
+            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -36,9 +36,11 @@ def save(results: dict, path: str | Path) -> Path:
 
 
 def load(path: str | Path) -> dict:
-    data = json.loads(Path(path).read_text())
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a bdmtool bench results file (schema {data.get('schema')!r})")
+    from ..files import read_json
+
+    data = read_json(path, "results.json written by `bdmtool bench`")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a bdmtool bench results file (no schema {SCHEMA!r})")
     if data.get("version") != VERSION:
         raise ValueError(f"{path} has results version {data.get('version')}; this bdmtool reads version {VERSION}")
     return data

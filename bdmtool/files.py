@@ -13,3 +13,43 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class FileFormatError(ValueError):
+    """A file bdmtool reads is missing, empty or malformed; the message names the file and the fix."""
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> object:
+    """Parse a JSON file, or raise FileFormatError naming the file, the position and what the file should be."""
+    import json
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileFormatError(f"{path} does not exist (expected the {what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FileFormatError(f"{path} is not valid JSON ({e}); it should be the {what}: re-create it") from None
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it: a full disk or a kill
+    leaves the old file or none, never a torn one."""
+    import tempfile
+
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -8,6 +8,7 @@ layer with no ``LceBconv2d``); ``verify_binary_layers`` turns that into an error
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -63,6 +64,29 @@ def layer_of(tensor_name: str, known: list[str] | None = None) -> str | None:
             seg = seg[: -len(suffix)]
     seg = re.sub(r"__b\d+p\d+$", "", seg)  # the bit planes of one W1A4/W1A8 layer
     return torch_name(seg)
+
+
+def check_tflite_file(path: str | Path) -> bytes:
+    """The bytes of a .tflite file, or a one-line FileFormatError when it is not a TFLite flatbuffer."""
+    from bdmtool.files import FileFormatError
+
+    data = Path(path).read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        what = "it is empty" if not data else "no TFL3 file identifier"
+        raise FileFormatError(f"{path} is not a .tflite flatbuffer ({what}); pass a file written by `bdmtool export`")
+    return data
+
+
+def inspect_file(path: str | Path, layer_names: list[str] | None = None) -> ModelInventory:
+    """``inspect_model`` of a file, with truncated or damaged flatbuffers reported as one line."""
+    from bdmtool.files import FileFormatError
+
+    data = check_tflite_file(path)
+    try:
+        return inspect_model(data, layer_names)
+    except Exception as e:  # flatbuffers raise struct.error, IndexError... on damaged bytes
+        raise FileFormatError(f"{path} is a truncated or damaged .tflite ({type(e).__name__}); re-export it "
+                              "with `bdmtool export`") from None
 
 
 def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInventory:

@@ -7,7 +7,6 @@ and ``cache_in_<i>``; outputs ``eps`` then the mixed site tensors, which are the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,17 @@ class TFLiteDenoiser(Denoiser):
         side = path.with_suffix(".json")
         if not side.exists():
             raise FileNotFoundError(f"{side} (the sidecar written by `bdmtool export`) is needed to run {path.name}")
-        return cls(path.read_bytes(), json.loads(side.read_text())["tflite_io_order"]["outputs"], threads)
+        from bdmtool.files import FileFormatError, read_json
+
+        from .inspect_tflite import check_tflite_file
+
+        meta = read_json(side, "sidecar written by `bdmtool export`")
+        try:
+            outputs = meta["tflite_io_order"]["outputs"]
+        except (KeyError, TypeError):
+            raise FileFormatError(f"{side} has no tflite_io_order.outputs: not a sidecar of this bdmtool; "
+                                  "re-export the model") from None
+        return cls(check_tflite_file(path), outputs, threads)
 
     def _run(self, feeds):  # noqa: D401 - TFLite input order is the flatbuffer's, fed by name
         args = [feeds[n].reshape(self.input_shapes[n]) for n in self.input_names]  # t: [1, 1] or [1]

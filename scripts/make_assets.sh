@@ -6,6 +6,8 @@
 #   3. the shipped students from it (about an hour of 2-core CPU each), packed to sign bits (bdmtool pack),
 #      with their grids, loss curves and pass-through diagnostics.
 # STAGE=teacher|students|all (default all). THREADS (default 2) sets torch's threads for the trainings.
+# ONLY=<student name> (e.g. ONLY=bidm_w1a1) builds one student and skips the shared diagnostic, so that two
+# students can train side by side at THREADS=1 each (2 cores: never two 2-thread jobs at once).
 set -euo pipefail
 B=${BDMTOOL:-.venv/bin/bdmtool}
 A=bdmtool/assets
@@ -29,6 +31,7 @@ if [ "$STAGE" = students ] || [ "$STAGE" = all ]; then
   for spec in "binarydm_w1a8 binarydm 8 6000" "binarydm_w1a4 binarydm 4 6000" "bidm_w1a1 bidm 1 3500" \
               "xnor_w1a1 xnor 1 3500"; do
     set -- $spec
+    if [ -n "${ONLY:-}" ] && [ "$ONLY" != "$1" ]; then continue; fi
     $B train --method $2 --abits $3 --teacher $A/tiny_mnist_fp.ckpt --steps $4 --out runs/student_$1 \
        --set train.seed=0 --set train.batch_size=32 --set train.lr=1e-3 --set train.lr_decay=cosine \
        --set train.warmup_steps=100 --set train.log_every=25 --set train.ckpt_every=250 --set $T
@@ -37,6 +40,7 @@ if [ "$STAGE" = students ] || [ "$STAGE" = all ]; then
     $B sample $A/tiny_mnist_$1.ckpt --steps 50 --eta 0 --n 64 --seed 0 --out $A/tiny_mnist_$1.png
     $B eval $A/tiny_mnist_$1.ckpt --ref mnist5k --n 1000 --out runs/eval/tiny_mnist_$1
   done
+  if [ -n "${ONLY:-}" ]; then exit 0; fi
   $B diagnose $A/tiny_mnist_binarydm_w1a8.ckpt $A/tiny_mnist_binarydm_w1a4.ckpt $A/tiny_mnist_bidm_w1a1.ckpt \
      $A/tiny_mnist_xnor_w1a1.ckpt --teacher $A/tiny_mnist_fp.ckpt --out runs/eval/diagnose_students
   cp runs/eval/diagnose_students/diagnose.png $A/students_diagnose.png

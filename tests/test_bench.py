@@ -212,7 +212,7 @@ def test_file_names_cannot_inject_commands(models, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     fs = Path(env["FAKE_ADB_STATE"]) / "fs"
     assert not [p for p in fs.rglob("INJECTED*")] and not list(Path(env["FAKE_ADB_STATE"]).rglob("INJECTED*"))
-    assert (fs / "data/local/tmp/bdmtool" / evil.name).is_file()
+    assert [p for p in (fs / "data/local/tmp/bdmtool").iterdir() if p.name.endswith("_" + evil.name)]
     assert json.loads((tmp_path / "b" / "results.json").read_text())["models"]["binary"]["latency"]["median_ms"] > 0
 
 
@@ -257,6 +257,49 @@ def test_faults_are_one_line_errors_and_keep_measurements(models, tmp_path):
     assert r.returncode == 1 and "check space: /data/local/tmp/bdmtool has 0.0 MiB free" in r.stderr
 
 
+@pytest.mark.slow
+def test_same_file_names_hangs_and_empty_answers_are_handled(models, tmp_path):
+    binary = fake_arm64_binary(tmp_path / "lce_benchmark_model")
+    common = ["--benchmark-binary", str(binary), "--runs", "2", "--repeats", "1"]
+    # Model and baseline with the same file name from two folders: two device paths, both really timed.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    same_bin, same_fp = tmp_path / "a" / "model.tflite", tmp_path / "b" / "model.tflite"
+    same_bin.write_bytes(models["binary"].read_bytes())
+    same_fp.write_bytes(models["fp"].read_bytes())
+    env = install_fake_adb(tmp_path / "s", {"R5CT": {**PIXEL}})
+    r = _bench_cli([str(same_bin), "--baseline", str(same_fp), "--device", "adb:R5CT", *common,
+                    "--out", str(tmp_path / "o1")], env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "o1" / "results.json").read_text())
+    assert res["models"]["binary"]["latency"]["median_ms"] != res["models"]["baseline"]["latency"]["median_ms"]
+    assert res["speedup"] != pytest.approx(1.0)
+    graphs = {c[-1].split("--graph=")[1].split()[0] for c in map(json.loads, (Path(env["FAKE_ADB_STATE"]) /
+              "calls.jsonl").read_text().splitlines()) if "--graph=" in c[-1]}
+    assert len(graphs) == 2
+    # A hung benchmark: a one-line error after --timeout, what was measured before stays.
+    env = install_fake_adb(tmp_path / "h", {"R5CT": {**PIXEL}}, bench_hang_s=30)
+    r = _bench_cli([str(models["binary"]), "--device", "adb:R5CT", *common, "--timeout", "2",
+                    "--out", str(tmp_path / "o2")], env, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "timed out after 2 s" in r.stderr, r.stderr
+    # A hung adb server.
+    env = install_fake_adb(tmp_path / "d", {"R5CT": {**PIXEL}}, devices_hang_s=30)
+    r = _bench_cli([str(models["binary"]), "--device", "adb:R5CT", *common, "--out", str(tmp_path / "o3")],
+                   {**env, "BDMTOOL_ADB_DEVICES_TIMEOUT": "2"}, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "did not answer within 2 s" in r.stderr, r.stderr
+    # An empty ABI answer.
+    noabi = {**PIXEL, "props": {**PIXEL["props"], "ro.product.cpu.abi": ""}}
+    env = install_fake_adb(tmp_path / "e", {"R5CT": noabi})
+    r = _bench_cli([str(models["binary"]), "--device", "adb:R5CT", *common, "--out", str(tmp_path / "o4")], env)
+    assert r.returncode == 1 and "getprop ro.product.cpu.abi returned nothing" in r.stderr, r.stderr
+    # The demo checks the phone before any work.
+    r = subprocess.run([*bdmtool_cmd(), "demo", "--device", "adb:NOPE", "--benchmark-binary", str(binary),
+                        "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **install_fake_adb(tmp_path / "n", {"R5CT": {**PIXEL}})})
+    assert r.returncode == 1 and "[adb:NOPE] not attached" in r.stderr, r.stderr
+    assert not (tmp_path / "demo").exists()
+
+
 def test_bench_options_are_validated():
     with pytest.raises(ValueError, match="runs must be >= 1"):
         BenchOptions(runs=0)
@@ -268,4 +311,4 @@ def test_a_file_that_is_not_a_model_is_a_one_line_error(tmp_path):
     r = subprocess.run([*bdmtool_cmd(), "bench", str(bad), "--out", str(tmp_path / "b")], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "is not a readable .tflite flatbuffer" in r.stderr
+    assert "is not a .tflite flatbuffer" in r.stderr

@@ -154,3 +154,26 @@ def test_two_process_qat_matches_one_process(tmp_path, teacher):
     assert ra[0]["loss_mse"] == pytest.approx(rb[0]["loss_mse"], rel=1e-5)  # same weights, same global batch
     # SPD normalises by the norm of each process's whole batch (as the official code), so it is close, not equal
     assert [x["loss"] for x in ra] == pytest.approx([x["loss"] for x in rb], rel=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["abs", "signed"])
+def test_ebb_regulariser_matches_a_hand_computation(tmp_path, teacher, mode):
+    """tau * mean(|sigma_II|) (default) or tau * mean(sigma_II) (Eq. 9 as printed) over the stage-1 EBB layers,
+    recomputed by hand from the layers' parameters; the loss term the objective adds is exactly that."""
+    from bdmtool.trainer.binarize import binary_layers
+    from bdmtool.trainer.distill import ebb_regulariser
+
+    spec = _qat_spec(teacher, "binarydm", 4, 20, f"distill.ebb_reg={mode}")
+    model, _ = build_student(spec)
+    ebb = [m for m in binary_layers(model) if m.sigma2 is not None and bool(m.second_basis)]
+    assert ebb
+    with torch.no_grad():  # give sigma_II both signs so the two modes differ
+        for i, m in enumerate(ebb):
+            m.sigma2.copy_(torch.linspace(-0.3, 0.2, m.sigma2.numel()).reshape(m.sigma2.shape) * (i + 1))
+    values = [float(v) for m in ebb for v in m.sigma2.flatten()]
+    hand = sum(abs(v) if mode == "abs" else v for v in values) / len(values)
+    assert float(ebb_regulariser(model, mode)) == pytest.approx(hand, rel=1e-6)
+    ebb[0].second_basis.fill_(False)  # a layer in stage 2 no longer counts
+    rest = [float(v) for m in ebb[1:] for v in m.sigma2.flatten()]
+    assert float(ebb_regulariser(model, mode)) == pytest.approx(
+        sum(abs(v) if mode == "abs" else v for v in rest) / len(rest), rel=1e-6)

@@ -26,8 +26,17 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
-            raise _UserError(str(e)) from None
+            raise _UserError(_one_line(str(e))) from None
+        except OSError as e:  # an output folder under a file, no permission, a full disk: name the path
+            where = f"{e.filename}: " if e.filename else ""
+            raise _UserError(f"{where}{e.strerror or e} (check the path, its permissions and the free disk space; "
+                             "nothing was left half-written)") from None
     return wrapper
+
+
+def _one_line(text: str) -> str:
+    """Errors are one line: multi-line library messages are joined."""
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -266,11 +275,9 @@ def ops(ckpt, preset, wbits, abits, method, attention_matmuls, elementwise, coun
 @_friendly
 def inspect_(tflite):
     """Print a .tflite's op histogram, binary/float parameter bytes, I/O and file size."""
-    from pathlib import Path as _P
+    from bdmtool.exporter.inspect_tflite import format_inventory, inspect_file
 
-    from bdmtool.exporter.inspect_tflite import format_inventory, inspect_model
-
-    click.echo(format_inventory(inspect_model(_P(tflite).read_bytes())))
+    click.echo(format_inventory(inspect_file(tflite)))
 
 
 @cli.command()
@@ -285,6 +292,8 @@ def inspect_(tflite):
 @click.option("--warmup", type=int, default=3, show_default=True, help="Warm-up runs per repetition.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Repetitions (median and spread over them).")
 @click.option("--cooldown", type=float, default=0.0, show_default=True, help="Seconds to rest between repetitions.")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Phone: seconds one benchmark run may take before it counts as hung (then a one-line error).")
 @click.option("--no-pin", is_flag=True, help="Phone: do not pin to the highest-frequency cores with taskset.")
 @click.option("--no-xnnpack", is_flag=True, help="Run float ops without XNNPACK (per-op float timings on a phone).")
 @click.option("--benchmark-binary", type=click.Path(dir_okay=False), default=None,
@@ -292,7 +301,7 @@ def inspect_(tflite):
 @click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="A.json B.json", help="Print the difference of two results.json files and exit.")
 @_friendly
-def bench(model, baseline, convs, device, out, threads, runs, warmup, repeats, cooldown, no_pin, no_xnnpack,
+def bench(model, baseline, convs, device, out, threads, runs, warmup, repeats, cooldown, timeout, no_pin, no_xnnpack,
           benchmark_binary, compare):
     """Time MODEL (binary .tflite) against --baseline and every conv (--convs) on a phone or this host."""
     from bdmtool.android_bench import results
@@ -304,7 +313,7 @@ def bench(model, baseline, convs, device, out, threads, runs, warmup, repeats, c
         click.echo(results.compare(results.load(compare[0]), results.load(compare[1])), nl=False)
         return
     opts = BenchOptions(threads=threads, runs=runs, warmup_runs=warmup, repeats=repeats, cooldown_s=cooldown,
-                        pin_big_cores=not no_pin, xnnpack=not no_xnnpack)
+                        pin_big_cores=not no_pin, xnnpack=not no_xnnpack, timeout_s=timeout)
     try:
         res = run_bench(model, baseline, device, out, opts, convs=convs, benchmark_binary=benchmark_binary,
                         log=click.echo)

@@ -110,6 +110,10 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     from bdmtool.trainer.spec import DataConfig, build_train_spec
     from bdmtool.trainer.train import train
 
+    if device:  # a phone that is not there must fail now, not after the training and export stages
+        from bdmtool.android_bench.bench import make_runner
+
+        make_runner(device, BenchOptions(), benchmark_binary=benchmark_binary)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = budget

@@ -22,9 +22,14 @@ def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: i
         loaded[c] = (model, spec)
     first_spec = loaded[ckpts[0]][1]
     teacher = teacher or next((s.teacher for _, s in loaded.values() if s.teacher), None)
+    if teacher in loaded:
+        raise ValueError(f"--teacher {teacher} is also one of the checkpoints to diagnose; pass the FP teacher")
     models = {}
     if teacher and teacher not in loaded:
         tmodel, tspec, _ = load_model(teacher)
+        if tspec.binarize is not None:
+            raise ValueError(f"--teacher {teacher} is a binarized ({tspec.binarize.method}) checkpoint; the teacher "
+                             "is the full-precision model the students were trained from")
         if tspec.unet != first_spec.unet:
             raise ValueError(f"--teacher {teacher} has a different U-Net than {ckpts[0]}")
         models[f"teacher ({Path(teacher).name})"] = tmodel

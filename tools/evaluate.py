@@ -29,6 +29,30 @@ def _default_reference(source: Path) -> str:
     return "mnist5k"
 
 
+REFERENCE_SOURCES = ("mnist5k", "digits", "cifar10", "folder", "npz")
+
+
+def reference_resolutions(spec: dict) -> tuple[int, ...]:
+    """The sizes a reference dataset is scored at without resampling it: MNIST 28 (raw) or 32 (padded, as
+    bdmtool trains on it), the digits 8 (raw) or 32 (as bdmtool trains on them), CIFAR-10 32, and the stored
+    size of npz files and image folders."""
+    from bdmtool.trainer.data import DataError, IMAGE_EXTS, load_npz
+
+    if spec["source"] == "npz":
+        return (int(load_npz(spec["path"]).shape[1]),)
+    if spec["source"] == "folder":
+        from PIL import Image
+
+        root = Path(spec.get("path", ""))
+        first = next((p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTS), None) \
+            if root.is_dir() else None
+        if first is None:
+            raise DataError(f"no images found under {str(root)!r}; pass --data folder:/path/to/images")
+        with Image.open(first) as im:
+            return (min(im.size),)
+    return {"mnist5k": (28, 32), "digits": (8, 32)}.get(spec["source"], (32,))
+
+
 def load_samples(source: Path, opts, out: Path, log) -> tuple[np.ndarray, dict]:
     from bdmtool.trainer.data import load_folder, load_npz
 
@@ -72,13 +96,32 @@ def evaluate(source: str | Path, out: str | Path, opts, reference: str | None = 
     if inception_is_weights:
         raise ValueError("--inception-is-weights: the Inception Score head is not implemented in this build; "
                          "IS is reported as unavailable instead of a substitute number")
-    out.mkdir(parents=True, exist_ok=True)
-    samples, src_meta = load_samples(source, opts, out, log)
+    if ref_limit is not None and ref_limit < 2:
+        raise ValueError(f"--ref-limit must be >= 2 reference images (or omitted for all), got {ref_limit}")
+    if source.suffix in (".ckpt", ".tflite") and opts.n < 2:
+        raise ValueError(f"--n must be >= 2 (FID needs at least 2 samples), got {opts.n}")
     ref_arg = reference or _default_reference(source)
     spec = parse_data_arg(ref_arg)
+    if spec["source"] not in REFERENCE_SOURCES:
+        raise ValueError(f"--ref {ref_arg!r}: unknown reference; use one of mnist5k, digits, cifar10:DIR, "
+                         "folder:DIR, npz:FILE")
+    out.mkdir(parents=True, exist_ok=True)
+    samples, src_meta = load_samples(source, opts, out, log)
     _, h, w, c = samples.shape
-    dcfg = DataConfig.from_dict({**spec, "resolution": h, "channels": c, "limit": ref_limit or 0})
-    ref_images = load_images(dcfg)
+    if len(samples) < 2:
+        raise ValueError(f"{source} holds {len(samples)} sample; FID needs at least 2 samples")
+    try:
+        native = reference_resolutions(spec)
+        dcfg = DataConfig.from_dict({**spec, "resolution": h, "channels": c, "limit": ref_limit or 0})
+        ref_images = load_images(dcfg)
+    except ValueError as e:
+        raise type(e)(f"--ref {ref_arg}: {str(e).replace('--data', '--ref')}") from None
+    own_data = reference is None and source.suffix == ".ckpt"  # the training set, at the training resolution
+    if h not in native and not own_data:
+        sizes = " or ".join(f"{s}x{s}" for s in native)
+        raise ValueError(f"the samples are {h}x{w} but the reference {ref_arg} is {sizes}: FID across "
+                         "sizes compares resized images, not models. Sample at the reference's size or pass a "
+                         f"--ref at {h}x{w} (npz:FILE or folder:DIR)")
     desc = {"reference": ref_arg, "resolution": h, "channels": c, "limit": ref_limit or 0}
     t0 = time.perf_counter()
     ref = fid.reference_stats(ref_images, desc, cache_dir())

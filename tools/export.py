@@ -20,6 +20,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         from bdmtool.trainer.checkpoint import read_spec
 
         b = read_spec(ckpt).binarize
+        if b is None:
+            raise NotExportableError(f"{ckpt} is a full-precision checkpoint: --target lce would write a float model "
+                                     "with no LceBconv2d; use --target fp (or keras-fp), or export a binarized student")
         if why := padding_refusal(b.to_dict() if b else None, a8, a4):
             raise NotExportableError(why)
     bundle = write_bundle(ckpt, Path(out) / "bundle")

@@ -42,7 +42,8 @@ def account(ckpt: str | Path | None = None, preset: str | None = None, wbits: in
         inputs = unet_example_inputs(cfg)
         name = preset
     else:
-        raise ValueError(f"give a checkpoint or --preset: one of {sorted(UNET_PRESETS)} (pixel U-Net) or "
+        what = f"unknown --preset {preset!r}" if preset else "give a checkpoint or --preset"
+        raise ValueError(f"{what}: one of {sorted(UNET_PRESETS)} (pixel U-Net) or "
                          f"{sorted(LDMUNetConfig.PRESETS)} (LDM U-Net) or {sorted(AutoencoderConfig.PRESETS)} (LDM autoencoders)")
     result = count(model, inputs, wbits, abits, fp_patterns, convention)
     result["model"] = name

@@ -9,7 +9,6 @@ from its own generator (seeded by ``seed`` and its index), so the result does no
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
@@ -19,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from bdmtool.exporter.inspect_tflite import check_tflite_file
+from bdmtool.files import read_json
 
 CHUNK = 8
 
@@ -40,7 +42,7 @@ def _sample_range(tflite: str, start: int, stop: int, opts, threads: int = 1) ->
     from bdmtool.trainer.spec import DiffusionConfig
 
     den = _denoiser(tflite, threads)
-    side = json.loads(Path(tflite).with_suffix(".json").read_text())
+    side = read_json(Path(tflite).with_suffix(".json"), "sidecar written by `bdmtool export`")
     sch = side["schedule"]
     diffusion = Diffusion(DiffusionConfig(schedule=sch["name"], beta_start=sch["beta_start"],
                                           beta_end=sch["beta_end"], timesteps=sch["timesteps"]))
@@ -69,7 +71,8 @@ def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
     side_path = tflite.with_suffix(".json")
     if not side_path.exists():
         raise FileNotFoundError(f"{side_path} (the sidecar written by `bdmtool export`) is needed to run {tflite.name}")
-    side = json.loads(side_path.read_text())
+    side = read_json(side_path, "sidecar written by `bdmtool export`")
+    check_tflite_file(tflite)
     chunks = [(s, min(s + CHUNK, opts.n)) for s in range(0, opts.n, CHUNK)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(chunks)))
     parts: dict[int, np.ndarray] = {}

@@ -16,13 +16,14 @@ are fsync-ed, then renamed over the target, so a kill never leaves a torn checkp
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_write
 from .spec import TrainSpec
 
 FORMAT = "bdmtool-checkpoint"
@@ -34,21 +35,12 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """``torch.save`` into memory, then written to a temp file beside ``path``, fsync-ed and renamed over it
+    (atomic on POSIX). Serialising first keeps torch's writer away from the disk: a full disk raises a plain
+    OSError naming the file (torch's own writer turns it into 'unexpected pos' RuntimeErrors)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return Path(atomic_write(path, buf.getbuffer()))
 
 
 def make_checkpoint(spec: TrainSpec, step: int, model: dict, ema: dict | None = None,
@@ -63,12 +55,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy? Copy or re-create the checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise CheckpointError(
-            f"{path} is not a readable bdmtool checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "To use original pytorch_diffusion or diffusers weights, run `bdmtool import` first.") from None
+            f"{path} is not a readable bdmtool checkpoint ({_first_line(e)}); it is truncated, damaged or holds "
+            "Python objects, which bdmtool never unpickles. For pytorch_diffusion or diffusers weights run "
+            "`bdmtool import` first") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bdmtool checkpoint (no format={FORMAT!r} field); "
                               "convert foreign weights with `bdmtool import`")
@@ -76,7 +71,42 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format_version {version}; this bdmtool reads "
                               f"version {FORMAT_VERSION}. Upgrade bdmtool or re-export the checkpoint.")
+    _check_contents(ckpt, path)
     return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (torch's load errors are long and advise unsafe options: cut them
+    before any 'weights_only=False' advice)."""
+    text = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+    text = text.split("WeightsUnpickler error:")[-1].strip()
+    if "weights_only" in text:
+        text = "the file holds objects that are not plain tensors"
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+def _check_contents(ckpt: dict, path: Path) -> None:
+    """The spec parses and validates, and every weight is a finite tensor (NaN weights sample black images)."""
+    from .config import ConfigError
+
+    try:
+        TrainSpec.from_dict(ckpt.get("spec"))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path} carries an invalid spec ({e}); it was not written by this bdmtool's "
+                              "`train`/`import`: re-create it") from None
+    sections = [("model", ckpt.get("model")), ("ema", ckpt.get("ema"))]
+    sections += [(f"packed.{n}", {"scale": p.get("scale")} if isinstance(p, dict) else p)
+                 for n, p in (ckpt.get("packed") or {}).items()]
+    for section, weights in sections:
+        if weights is None and section == "ema":
+            continue
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise CheckpointError(f"{path}: its {section!r} entry is not a dict of tensors; the file is damaged or "
+                                  "not from bdmtool: re-create it")
+        for name, v in weights.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise CheckpointError(f"{path}: weight {name} holds non-finite values (NaN/inf), so every sample would "
+                                      "be blank; use an earlier checkpoint or retrain with a lower train.lr")
 
 
 def read_spec(path: str | os.PathLike) -> TrainSpec:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write
 from .spec import DataConfig
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -173,7 +174,17 @@ def load_npz(path: str) -> np.ndarray:
     if arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)
     if arr.dtype != np.uint8:
+        if arr.dtype.kind not in "fiu":
+            raise DataError(f"{path}:{key} holds {arr.dtype} values; expected uint8 images or floats in [-1, 1], "
+                            "[0, 1] or [0, 255]")
+        if arr.size == 0:
+            raise DataError(f"{path}:{key} is empty (shape {arr.shape})")
+        if not np.isfinite(arr).all():
+            raise DataError(f"{path}:{key} contains NaN or infinite pixels; fix or drop those images")
         lo, hi = float(arr.min()), float(arr.max())
+        if lo < -1.0 - 1e-6 or hi > 255.0 + 1e-6:
+            raise DataError(f"{path}:{key} values span [{lo:g}, {hi:g}], outside every pixel range bdmtool reads "
+                            "(uint8, or floats in [-1, 1], [0, 1] or [0, 255]); rescale them")
         if lo >= -1.0 - 1e-6 and hi <= 1.0 + 1e-6 and lo < 0:
             arr = (arr + 1.0) * 127.5
         elif hi <= 1.0 + 1e-6:
@@ -234,5 +245,5 @@ def save_grid(images_u8: np.ndarray, path: str | os.PathLike, nrow: int | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    path.write_bytes(buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path

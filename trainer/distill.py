@@ -142,12 +142,16 @@ def spd_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
 # ------------------------------------------------------------------------------------------------- EBB
 
 
-def ebb_regulariser(model: nn.Module) -> torch.Tensor | None:
-    """mean(sigma_II) over every EBB layer still in stage 1 (BinaryDM Eq. 9, times tau by the caller)."""
+def ebb_regulariser(model: nn.Module, mode: str = "abs") -> torch.Tensor | None:
+    """mean(|sigma_II|) ("abs") or mean(sigma_II) ("signed", BinaryDM Eq. 9 as printed) over every EBB layer
+    still in stage 1; the caller multiplies by tau. Gradient: tau/N * sign(sigma_II) or tau/N."""
     from .binarize import binary_layers
 
     sig = [m.sigma2.flatten() for m in binary_layers(model) if m.sigma2 is not None and bool(m.second_basis)]
-    return torch.cat(sig).mean() if sig else None
+    if not sig:
+        return None
+    sig = torch.cat(sig)
+    return (sig.abs() if mode == "abs" else sig).mean()
 
 
 class Distiller(nn.Module):

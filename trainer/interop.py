@@ -15,11 +15,12 @@ Everything is read with ``torch.load(weights_only=True)`` or safetensors; nothin
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
+
+from ..files import read_json
 
 from .spec import DiffusionConfig, UNetConfig
 
@@ -43,9 +44,15 @@ def read_pesser_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj[4] if len(obj) > 4 and isinstance(obj[4], dict) else obj[0]
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
+    if isinstance(obj, dict) and obj.get("format") == "bdmtool-checkpoint":
+        raise InteropError(f"{path} is already a bdmtool checkpoint: use it directly (sample, train --init, export)")
     if not isinstance(obj, dict) or "conv_in.weight" not in {k.removeprefix("module.") for k in obj}:
         raise InteropError(f"{path} has no 'conv_in.weight': not a pytorch_diffusion / ddim U-Net state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad:
+        raise InteropError(f"{path}: weight {bad} holds NaN/inf values; these weights cannot sample")
+    return sd
 
 
 def infer_unet_config(sd: dict[str, torch.Tensor], resolution: int = 32, dropout: float = 0.1) -> UNetConfig:
@@ -135,7 +142,12 @@ def read_diffusers_dir(path: str | Path) -> tuple[UNetConfig, dict[str, torch.Te
     cfg_path = root / "config.json"
     if not cfg_path.exists():
         raise InteropError(f"{root} has no config.json: not a diffusers model folder")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path, "diffusers UNet2DModel config")
+    if not isinstance(cfg, dict):
+        raise InteropError(f"{cfg_path} is not a JSON object: not a diffusers model folder")
+    missing = [k for k in ("block_out_channels", "down_block_types") if k not in cfg]
+    if missing:
+        raise InteropError(f"{cfg_path} lacks {missing}: not a complete diffusers UNet2DModel config")
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise InteropError(f"{cfg_path} describes a {cfg.get('_class_name')}; only UNet2DModel is supported")
     _check_diffusers_config(cfg)
@@ -166,7 +178,7 @@ def read_diffusers_dir(path: str | Path) -> tuple[UNetConfig, dict[str, torch.Te
         sd[ours] = v
     diffusion = None
     if scheduler.exists():
-        sc = json.loads(scheduler.read_text())
+        sc = read_json(scheduler, "diffusers scheduler config")
         kind = {"linear": "linear", "scaled_linear": "ldm_linear", "squaredcos_cap_v2": "cosine"}.get(
             sc.get("beta_schedule", "linear"))
         if kind is None:
@@ -186,6 +198,8 @@ def import_weights(src: str | Path, out: str | Path, resolution: int = 32, dropo
     from .unet import UNet
 
     src = Path(src)
+    if resolution < 8:
+        raise InteropError(f"--resolution must be >= 8 (the image size the weights were trained at), got {resolution}")
     diffusion = None
     if src.is_dir():
         unet, sd, diffusion = read_diffusers_dir(src)
@@ -193,14 +207,17 @@ def import_weights(src: str | Path, out: str | Path, resolution: int = 32, dropo
             unet = unet.replace(dropout=dropout)
     elif src.is_file():
         sd = read_pesser_state_dict(src)
-        unet = infer_unet_config(sd, resolution=resolution, dropout=0.1 if dropout is None else dropout)
+        try:
+            unet = infer_unet_config(sd, resolution=resolution, dropout=0.1 if dropout is None else dropout)
+        except (KeyError, IndexError, ZeroDivisionError, ValueError) as e:
+            raise InteropError(f"{src}: cannot infer the U-Net layout from its weights ({type(e).__name__}: {e}); "
+                               "not a complete pytorch_diffusion / ddim U-Net state dict") from None
     else:
         raise InteropError(f"{src} does not exist")
+    from .train import load_weights
+
     model = UNet(unet)
-    result = model.load_state_dict(sd, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise InteropError(f"weights do not match the inferred U-Net: missing {result.missing_keys[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}")
+    load_weights(model, sd, src, fix="the weights are not a DDPM U-Net of the layout bdmtool reads")
     data = ({"source": "cifar10", "path": "cifar-10-batches-py"} if unet.in_channels == 3 else {"source": "mnist5k"})
     spec = TrainSpec.from_dict({"unet": unet.to_dict(), "diffusion": (diffusion or DiffusionConfig()).to_dict(),
                                 "data": {**data, "channels": unet.in_channels, "resolution": unet.resolution}})

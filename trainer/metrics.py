@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
+
+from ..files import atomic_write
 
 
 class MetricsLog:
@@ -14,11 +17,19 @@ class MetricsLog:
         self.path = Path(path)
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one line (strict JSON: NaN/inf are refused); a failed write is rolled back, not left torn."""
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        with open(self.path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError:
+                f.truncate(size)
+                raise
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -67,6 +78,8 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     ax.legend()
     fig.tight_layout()
     png_path = Path(png_path)
-    fig.savefig(png_path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write(png_path, buf.getvalue())
     return png_path

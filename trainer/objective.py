@@ -74,7 +74,7 @@ class TrainingObjective:
             self.s_tap.clear()
             self.t_tap.clear()
         if self.binarized and self.dcfg.ebb_tau > 0:
-            reg = ebb_regulariser(self.student)
+            reg = ebb_regulariser(self.student, self.dcfg.ebb_reg)
             if reg is not None:
                 terms["ebb"] = reg
                 total = total + self.dcfg.ebb_tau * reg

@@ -34,7 +34,7 @@ def ddim_timesteps(num_train: int, steps: int, skip: str = "uniform") -> list[in
     timesteps repeat (100 steps give 96 distinct values) and the repeats are no-op steps, as upstream.
     """
     if not 1 <= steps <= num_train:
-        raise ValueError(f"steps must be in [1, {num_train}], got {steps}")
+        raise ValueError(f"--steps must be in [1, {num_train}] (the model's training timesteps), got {steps}")
     if skip == "uniform":
         return list(range(0, num_train, num_train // steps))
     if skip == "quad":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..files import atomic_write
 from .binarize import reset_state
 from .data import from_model_range, save_grid
 from .diffusion import Diffusion
@@ -29,8 +31,14 @@ class SampleOptions:
     clip_x0: bool = True  # clamp the predicted x0 to [-1, 1] each step (pixel-space models; --no-clip-x0)
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.batch_size < 1:
-            raise ValueError("--n and --batch-size must be >= 1")
+        if self.n < 1:
+            raise ValueError(f"--n must be >= 1, got {self.n}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if not (self.eta >= 0 and self.eta == self.eta and self.eta != float("inf")):
+            raise ValueError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {self.eta}")
 
 
 def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch.Tensor, torch.Generator]:
@@ -61,8 +69,10 @@ def write_samples(images: np.ndarray, out: str | os.PathLike, meta: dict) -> tup
     base.parent.mkdir(parents=True, exist_ok=True)
     png = save_grid(images[:64], base.with_suffix(".png"), scale=2)
     npz = base.with_suffix(".npz")
-    np.savez(npz, arr_0=images)
-    base.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    buf = io.BytesIO()
+    np.savez(buf, arr_0=images)
+    atomic_write(npz, buf.getvalue())
+    atomic_write(base.with_suffix(".json"), json.dumps(meta, indent=2))
     return png, npz
 
 

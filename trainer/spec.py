@@ -37,7 +37,11 @@ class UNetConfig(Config):
     def validate(self) -> None:
         check(self.resolution > 0 and self.resolution % 2 ** (len(self.ch_mult) - 1) == 0,
               f"unet.resolution={self.resolution} must be divisible by 2**(len(ch_mult)-1)")
-        check(len(self.ch_mult) >= 1, "unet.ch_mult must have at least one level")
+        check(len(self.ch_mult) >= 1, "unet.ch_mult must have at least one level, e.g. --set unet.ch_mult=[1,2,2,2]")
+        check(self.ch >= 1 and all(m >= 1 for m in self.ch_mult),
+              f"unet.ch ({self.ch}) and every unet.ch_mult entry ({list(self.ch_mult)}) must be >= 1")
+        check(self.num_groups >= 1, f"unet.num_groups must be >= 1, got {self.num_groups}")
+        check(self.norm_eps > 0, f"unet.norm_eps must be > 0, got {self.norm_eps}")
         for m in self.ch_mult:
             check((self.ch * m) % self.num_groups == 0,
                   f"unet.ch*ch_mult ({self.ch}*{m}) must be divisible by unet.num_groups={self.num_groups}")
@@ -133,6 +137,8 @@ class TrainConfig(Config):
         check(self.log_every >= 1 and self.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
         check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         check(0.0 <= self.lr_final_ratio <= 1.0, f"train.lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
+        check(self.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {self.threads}")
+        check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 WEIGHT_BINARIZER_NAMES = ("ste_sign", "scaled_sign", "magnitude_aware_sign", "ebb", "dorefa", "reste")
@@ -247,7 +253,12 @@ class DistillConfig(Config):
     spd_weight: float = 0.0  # BiDM SPD (1e-2)
     spd_patches: int = 4  # 4x4 grid of patches
     spd_variant: Literal["code", "paper"] = "code"
-    ebb_tau: float = 0.0  # BinaryDM EBB regulariser tau * mean(sigma_II) (9e-2)
+    ebb_tau: float = 0.0  # BinaryDM EBB regulariser tau * mean(f(sigma_II)) (9e-2)
+    # f: "abs" pulls every sigma_II to zero (the paper's stated aim, "encouraging them to approach zero");
+    # "signed" is Eq. 9 as printed, which has no minimum: under Adam it drives sigma_II through zero at ~lr per
+    # step (-1.04 on the temb projections after 1,250 steps at lr 1e-3, 25x sigma_I), so dropping it at stage 2
+    # is a shock. docs/methods.md, "EBB regulariser".
+    ebb_reg: Literal["abs", "signed"] = "abs"
 
     def validate(self) -> None:
         check(self.lrm_weight >= 0 and self.spd_weight >= 0 and self.ebb_tau >= 0, "distill weights must be >= 0")

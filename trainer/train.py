@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..files import atomic_write
 from .binarize import binarize_
 from .checkpoint import atomic_save, checkpoint_spec, inference_weights, load_checkpoint, make_checkpoint
 from .data import load_images
@@ -115,6 +116,25 @@ def lr_at(step: int, spec: TrainSpec) -> float:
     return lr
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the gradient became NaN/inf; training stopped and kept its last good checkpoint."""
+
+
+def _non_finite(loss: torch.Tensor, gnorm: torch.Tensor) -> str | None:
+    """Which of the step's loss and gradient norm is NaN/inf (None when both are finite)."""
+    if not math.isfinite(float(loss.detach())):
+        return f"loss ({float(loss.detach())})"
+    if not math.isfinite(float(gnorm)):
+        return f"gradient norm ({float(gnorm)})"
+    return None
+
+
+def _last_good(saved: int | None, state_path: Path) -> str:
+    if saved is None:
+        return "no checkpoint had been written yet"
+    return f"{state_path} holds the last good state, step {saved}"
+
+
 def _check_resume_spec(saved: TrainSpec, spec: TrainSpec, path: Path) -> None:
     """Everything but the step budget and logging cadence must match to resume (the budget too when the
     learning rate decays over it: a cosine schedule stretched mid-run would not be the same run)."""
@@ -168,7 +188,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
             objective.prepare(*make_batch(images, spec, 0, env))
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "spec.json").write_text(spec.to_json())
+            atomic_write(out / "spec.json", spec.to_json())
         log = MetricsLog(out / METRICS_FILE, resume_step=start) if env.is_main else None
         unused = spec.binarize is not None and spec.binarize.may_leave_parameters_unused
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if env.world > 1 else model
@@ -187,6 +207,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and env.is_main),
                    desc=f"train {count_parameters(model) / 1e6:.2f}M params", dynamic_ncols=True)
         model.train()
+        saved = start if state_path.exists() else None
         t_last = time.perf_counter()
         for step in bar:
             x0, t, noise = make_batch(images, spec, step, env)
@@ -199,6 +220,12 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"],
                                                    tc.grad_clip if tc.grad_clip else float("inf"))
+            bad = _non_finite(loss, gnorm)
+            if bad:  # before the update: the weights in memory and on disk are the last good ones
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1}: non-finite {bad}; stopped before updating the weights"
+                    f" ({_last_good(saved, state_path)}). Lower train.lr (now {tc.lr:g}) or raise train.warmup_steps"
+                    " and resume with the same command")
             opt.step()
             ema_update(ema, model, tc.ema_decay, step)
             done = step + 1
@@ -217,6 +244,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
                 bar.set_postfix(loss=f"{logged['loss']:.4f}")
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 save(done)
+                saved = done
         if start >= tc.steps:  # nothing to do: make sure the inference file exists
             save(start)
     return out / MODEL_FILE
@@ -259,5 +287,27 @@ def load_model(path: str | os.PathLike, use_ema: bool = True) -> tuple[torch.nn.
     ckpt = load_checkpoint(path)
     spec = checkpoint_spec(ckpt)
     model = build_model(spec)
-    model.load_state_dict(inference_weights(ckpt, use_ema))
+    load_weights(model, inference_weights(ckpt, use_ema), path)
     return model.eval(), spec, ckpt
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: str | os.PathLike,
+                 fix: str = "the file was edited or mixes two models: re-create it with `bdmtool train`/`import`",
+                 ) -> None:
+    """``load_state_dict`` with a one-line CheckpointError naming the first missing, unexpected or mis-shaped
+    tensor instead of torch's multi-line RuntimeError."""
+    from .checkpoint import CheckpointError
+
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    problems = [f"{len(missing)} missing ({missing[0]}, ...)" if missing else "",
+                f"{len(unexpected)} unexpected ({unexpected[0]}, ...)" if unexpected else "",
+                f"{len(shapes)} of another shape ({shapes[0]}, ...)" if shapes else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(f"{path}: its weights do not fit the U-Net its spec describes: {'; '.join(problems)}; "
+                              f"{fix}")
+    model.load_state_dict(weights)

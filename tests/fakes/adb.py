@@ -10,7 +10,8 @@ from a fake bin directory; ARM executables pushed to the device run through ``fa
 (like a binfmt/qemu-user registration would), which prints ``lce_benchmark_model``'s real output format.
 
 Faults (config keys): ``disconnect_after_benchmarks`` N (the device vanishes on benchmark run N+1),
-``noexec`` (exec of pushed binaries fails with Permission denied), ``bench_fails`` (the benchmark exits 1).
+``noexec`` (exec of pushed binaries fails with Permission denied), ``bench_fails`` (the benchmark exits 1),
+``devices_hang_s`` / ``bench_hang_s`` (``adb devices`` / the benchmark sleep that long: a hung server or phone).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 STATE = Path(os.environ["FAKE_ADB_STATE"])
@@ -69,6 +71,8 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["-s"]:
         serial, argv = argv[1], argv[2:]
     if argv[:1] == ["devices"]:
+        if cfg.get("devices_hang_s"):
+            time.sleep(cfg["devices_hang_s"])
         print("List of devices attached")
         for s, d in cfg["devices"].items():
             extra = f" usb:1-1 product:{d['props'].get('ro.product.name', 'x')} model:{d['props']['ro.product.model']}" \
@@ -108,6 +112,8 @@ def main(argv: list[str]) -> int:
                 return 1
             cfg["benchmarks_run"] = n + 1
             save(cfg)
+            if cfg.get("bench_hang_s"):
+                time.sleep(cfg["bench_hang_s"])
         env = {**os.environ, "PATH": f"{STATE / 'bin'}:{os.environ['PATH']}", "FAKE_ADB_SERIAL": serial,
                "FAKE_ADB_FS": str(STATE / "fs")}
         if cfg.get("noexec"):
