@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import results as R
-from ..files import FileFormatError, file_sha256, read_json
+from ..files import FileFormatError, atomic_write, file_sha256, read_json
 from .adb import DeviceError
 from .options import BenchOptions
 
@@ -103,7 +103,7 @@ def run_bench(model: str | Path | None, baseline: str | Path | None, device: str
         raise
     R.finish(res)
     R.save(res, path)
-    (out / "results.md").write_text(R.markdown(res))
+    atomic_write(out / "results.md", R.markdown(res))
     R.chart(res, out / "convs.png")
     log(f"[bench] wrote {path}, {out / 'results.md'}" + (f", {out / 'convs.png'}" if res["convs"] else ""))
     return res

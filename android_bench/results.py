@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import atomic_savefig, atomic_write
+
 SCHEMA, VERSION = "bdmtool-bench", 1
 
 
@@ -29,9 +31,7 @@ def save(results: dict, path: str | Path) -> Path:
     """Atomic write: a crash mid-benchmark leaves the last complete measurement on disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(results, indent=2))
     return path
 
 
@@ -113,7 +113,7 @@ def chart(results: dict, path: str | Path) -> Path | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -53,3 +53,23 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_savez(path: str | os.PathLike, **arrays) -> str:
+    """``np.savez`` through ``atomic_write`` (the archive is built in memory first)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write(path, buf.getvalue())
+
+
+def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> str:
+    """``fig.savefig`` through ``atomic_write`` (format taken from the file name)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(os.fspath(path))[1].lstrip(".") or "png", **kwargs)
+    return atomic_write(path, buf.getvalue())

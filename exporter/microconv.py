@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from .binary_layers import NotExportableError
 from .inspect_tflite import inspect_model
+from ..files import atomic_write
 
 keras = tf.keras
 
@@ -77,9 +78,7 @@ def write_conv_models(layers: list[dict], out_dir: str | Path, log=print) -> Pat
                 raise NotExportableError(f"micro-model {key}: expected one LceBconv2d, got ops {dict(hist)}")
             if not binary and hist.get("CONV_2D", 0) != 1:
                 raise NotExportableError(f"micro-model {key}: expected one float CONV_2D, got ops {dict(hist)}")
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(fb)
-            tmp.replace(path)
+            atomic_write(path, fb)
         log(f"[convs] {i + 1}/{len(shapes)} {key}")
     index = {"format": "bdmtool-convs", "version": 1,
              "shapes": {key: {"binary": f"conv_{key}_bin.tflite", "fp": f"conv_{key}_fp.tflite",
@@ -88,5 +87,5 @@ def write_conv_models(layers: list[dict], out_dir: str | Path, log=print) -> Pat
              "layers": [{"name": r["name"], "shape": shape_key(r), "binary_in_model": bool(r["binary"])}
                         for r in layers]}
     path = out / INDEX
-    path.write_text(json.dumps(index, indent=2))
+    atomic_write(path, json.dumps(index, indent=2))
     return path

@@ -21,6 +21,7 @@ import bdmtool  # noqa: F401
 from .convert import convert
 from .inspect_tflite import inspect_model, io_names, max_abs, verify_binary_layers
 from .runtime import KerasDenoiser, TFLiteDenoiser, ddim_schedule
+from ..files import atomic_write
 
 
 class ParityError(ValueError):
@@ -221,7 +222,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
 
     fb = convert(model, log)
     path = out / f"{name}.tflite"
-    path.write_bytes(fb)
+    atomic_write(path, fb)
     expected = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] != 32]
     inv = inspect_model(fb, layer_names=[r["name"] for r in meta["binary_layers"]])
     a8_layers = [r["name"] for r in meta["binary_layers"] if r["active"] and r["abits"] == abits] if int8 else []
@@ -258,8 +259,8 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     if kernel:
         side["bits"][f"a{abits}_kernel"] = kernel
     side_path = out / f"{name}.json"
-    side_path.write_text(json.dumps(side, indent=2))
-    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write(side_path, json.dumps(side, indent=2))
+    atomic_write(out / "export_report.json", json.dumps(report, indent=2))
     if "cached_step_tflite_vs_pytorch" in report["stages"]:
         log(f"[lce] cached second step vs PyTorch: max |d eps| = {report['stages']['cached_step_tflite_vs_pytorch']:.2e}")
     return ExportResult(path, side_path, report)
@@ -313,6 +314,6 @@ def export_onnx2tf(bundle_dir: str | Path, onnx_path: str | Path, out_dir: str |
     side["inputs"][1]["shape"] = [1]
     side["tflite_io_order"] = {"inputs": in_names, "outputs": ["eps"]}
     side_path = out / f"{name}.json"
-    side_path.write_text(json.dumps(side, indent=2))
-    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write(side_path, json.dumps(side, indent=2))
+    atomic_write(out / "export_report.json", json.dumps(report, indent=2))
     return ExportResult(path, side_path, report)

@@ -108,7 +108,13 @@ class TFLiteDenoiser(Denoiser):
         except (KeyError, TypeError):
             raise FileFormatError(f"{side} has no tflite_io_order.outputs: not a sidecar of this bdmtool; "
                                   "re-export the model") from None
-        return cls(check_tflite_file(path), outputs, threads)
+        try:
+            return cls(check_tflite_file(path), outputs, threads)
+        except FileFormatError:
+            raise
+        except Exception as e:  # flatbuffers/interpreter errors on a truncated or damaged file
+            raise FileFormatError(f"{path} is a truncated or damaged .tflite ({type(e).__name__}); re-export it "
+                                  "with `bdmtool export`") from None
 
     def _run(self, feeds):  # noqa: D401 - TFLite input order is the flatbuffer's, fed by name
         args = [feeds[n].reshape(self.input_shapes[n]) for n in self.input_names]  # t: [1, 1] or [1]

@@ -72,6 +72,18 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
     else:
         assert side["cache_tensors"] == [] and side["tflite_io_order"]["outputs"] == ["eps"]
     assert side["signature"].startswith("serving_default")  # the saved-model path, not LCE's graphdef fallback
+    if method == "xnor":  # a truncated copy of a real export: one line from inspect and sample --tflite
+        from click.testing import CliRunner
+
+        from bdmtool.tools.cli import cli
+
+        cut = tmp_path / "cut.tflite"
+        cut.write_bytes(res.tflite.read_bytes()[: res.tflite.stat().st_size // 3])
+        (tmp_path / "cut.json").write_text(res.sidecar.read_text())
+        for args in (["inspect", str(cut)], ["sample", "--tflite", str(cut), "--n", "1", "--out", str(tmp_path / "s")]):
+            r = CliRunner().invoke(cli, args)
+            assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+            assert r.output.strip().splitlines()[-1].startswith("Error:") and "truncated or damaged" in r.output
 
 
 def test_dc_bypass_exports_as_float_ops_with_parity(tmp_path, teacher):

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bdmtool
+from bdmtool.files import atomic_write
 
 EMBEDDED_FP = Path(bdmtool.ASSETS) / "tiny_mnist_fp.ckpt"
 QAT_RUNS = (("binarydm", 4, "BinaryDM W1A4"), ("bidm", 1, "BiDM W1A1"))
@@ -75,9 +76,7 @@ def _run_stage(stage: Stage, out: Path, log: Callable[[str], None]) -> dict:
     t0 = time.perf_counter()
     summary = stage.run(folder)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"params": stage.params, "summary": summary}, indent=2))
-    tmp.replace(marker)
+    atomic_write(marker, json.dumps({"params": stage.params, "summary": summary}, indent=2))
     log(f"[{stage.name}] done in {summary['seconds']} s")
     return summary
 

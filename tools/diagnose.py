@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bdmtool.files import atomic_write
+
 
 def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: int = 256, seed: int = 0,
              timesteps: tuple[int, ...] | None = None, log=print) -> dict:
@@ -47,8 +49,8 @@ def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: i
     rep["high_t_slope"] = {k: high_t_slope(v) for k, v in rep["models"].items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnose.json").write_text(json.dumps(rep, indent=2))
-    (out / "diagnose.md").write_text(markdown_table(rep) + "\n")
+    atomic_write(out / "diagnose.json", json.dumps(rep, indent=2))
+    atomic_write(out / "diagnose.md", markdown_table(rep) + "\n")
     png = plot_passthrough(rep, out / "diagnose.png")
     for k, v in rep["high_t_slope"].items():
         mse_hi = [r["mse"] for r in rep["models"][k] if r["t"] >= 500]

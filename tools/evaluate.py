@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bdmtool.files import atomic_write
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("BDMTOOL_CACHE", Path.home() / ".cache" / "bdmtool")) / "fid"
@@ -132,7 +134,7 @@ def evaluate(source: str | Path, out: str | Path, opts, reference: str | None = 
     if src_meta["kind"] in ("checkpoint", "tflite"):
         metrics["sampling"] = {k: getattr(opts, k) for k in ("n", "steps", "eta", "sampler", "skip", "seed", "clip_x0")}
     save_grid(samples[:64], out / "grid.png", scale=2)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
     log(f"[eval] FID {metrics['fid']:.2f}  sFID {metrics['sfid']:.2f}  precision {metrics['precision']:.3f}  "
         f"recall {metrics['recall']:.3f}  ({len(samples)} samples vs {ref.n} reference) -> {out / 'metrics.json'}")
     return metrics

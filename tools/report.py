@@ -8,6 +8,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from bdmtool.files import atomic_write
+
 MODELS = (("fp", "export_fp", "FP (embedded)", "W32A32"),
           ("qat_binarydm_w1a4", "export_binarydm_w1a4", "BinaryDM", "W1A4"),
           ("qat_bidm_w1a1", "export_bidm_w1a1", "BiDM", "W1A1"))
@@ -77,7 +79,7 @@ def write_report(out: Path, s: dict, env: dict, budget: dict) -> tuple[Path, Pat
     md += ["", "## Export parity (max |d eps|)", ""] + [f"- {k}: {v}" for k, v in parity.items()]
     md += ["", "## Reproduce", ""] + [f"- {k}: `{c}`" for k, c in commands]
     md += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()] + [""]
-    (out / "report.md").write_text("\n".join(md))
+    atomic_write(out / "report.md", "\n".join(md))
 
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in HEADER)
@@ -108,5 +110,5 @@ figure{{margin:0}}figcaption{{font-weight:600;margin-bottom:4px}}code{{backgroun
 <script>window.addEventListener("load", () => {{ document.body.dataset.brokenImages =
   [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length; }});</script>
 </body></html>"""
-    (out / "index.html").write_text(page)
+    atomic_write(out / "index.html", page)
     return out / "index.html", out / "report.md"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bdmtool.exporter.inspect_tflite import check_tflite_file
+from bdmtool.exporter.inspect_tflite import inspect_file
 from bdmtool.files import read_json
 
 CHUNK = 8
@@ -72,7 +72,7 @@ def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
     if not side_path.exists():
         raise FileNotFoundError(f"{side_path} (the sidecar written by `bdmtool export`) is needed to run {tflite.name}")
     side = read_json(side_path, "sidecar written by `bdmtool export`")
-    check_tflite_file(tflite)
+    inspect_file(tflite)  # a damaged file fails here, in one line, before any worker starts
     chunks = [(s, min(s + CHUNK, opts.n)) for s in range(0, opts.n, CHUNK)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(chunks)))
     parts: dict[int, np.ndarray] = {}

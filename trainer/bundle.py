@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import file_sha256
+from ..files import atomic_savez, atomic_write, file_sha256
 from .binarize import BinaryConv2d, binary_layers, reset_state
 from .quantizers import sign
 
@@ -79,11 +79,11 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
             "binary_layers": [_layer_record(m) for m in layers],
             "timestep_cache": None if cache is None else {"sites": cache.sites, "buckets": cache.buckets},
             "fp32_weight_bytes": 4 * _fp_param_count(spec)}
-    (out / "spec.json").write_text(json.dumps(meta, indent=2))
+    atomic_write(out / "spec.json", json.dumps(meta, indent=2))
     arrays = {k: v.float().cpu().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
     for m in layers:
         arrays.update({f"{m.name}.{k}": v for k, v in _deployable(m).items()})
-    np.savez(out / "weights.npz", **arrays)
+    atomic_savez(out / "weights.npz", **arrays)
     x, t, eps, margins = reference_inputs(model, spec, n_ref, seed, min_margin)
     extra = {}
     if cache is not None:  # a second sampling step that mixes with the cache of the first (x[0], t[0])
@@ -92,9 +92,9 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
         extra = {"x2": x[1:2].numpy(), "t2": t[1:2].numpy(), "eps2": model(x[1:2], t[1:2]).numpy(),
                  "cache_sites": np.array(cache.sites)}
         reset_state(model)
-    np.savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy(), margin=margins.numpy(), **extra)
+    atomic_savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy(), margin=margins.numpy(), **extra)
     meta["reference_min_margin"] = float(margins.min()) if len(margins) else None
-    (out / "spec.json").write_text(json.dumps(meta, indent=2))
+    atomic_write(out / "spec.json", json.dumps(meta, indent=2))
     return out
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..files import atomic_savez, atomic_write
+
 PREPROCESSING = "tf1-bilinear-299/(u8-128)/128/default_1.pt"  # part of every reference-stats cache key
 _STAGES_A = ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
              "mixed_3", "mixed_4", "mixed_5"]
@@ -181,11 +183,9 @@ def reference_stats(images_u8: np.ndarray, description: dict, cache_dir: str | P
     ref = Reference(mu, sigma, mu_s, sigma_s, f.pool3, len(images_u8), key)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool3=f.pool3, n=len(images_u8))
-        tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps({**description, "prep": PREPROCESSING, "n": len(images_u8)},
-                                                        indent=2))
+        atomic_savez(path, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool3=f.pool3, n=len(images_u8))
+        atomic_write(path.with_suffix(".json"), json.dumps({**description, "prep": PREPROCESSING, "n": len(images_u8)},
+                                                           indent=2))
     return ref
 
 

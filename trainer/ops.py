@@ -27,6 +27,7 @@ from torch import nn
 from .config import Config, check
 from .binarize import _matches
 from .layers import LayerShape, layer_shapes
+from ..files import atomic_savefig, atomic_write
 
 MIB = 1024 * 1024
 
@@ -191,12 +192,12 @@ def plot_blocks(result: dict, path: str | Path) -> Path:
                       f"{result['ops'] / 1e9:.2f} GOPs", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def write_json(result: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write(path, json.dumps(result, indent=2))
     return path

@@ -25,6 +25,7 @@ import torch
 
 from ..binarize import reset_state
 from ..diffusion import Diffusion
+from ...files import atomic_savefig
 
 DEFAULT_TIMESTEPS = (10, 50, 100, 250, 500, 750, 900, 980)
 
@@ -101,7 +102,7 @@ def plot_passthrough(report: dict, path: str | Path, title: str = "") -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
