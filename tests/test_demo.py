@@ -9,11 +9,13 @@ import subprocess
 
 import pytest
 
-from bdmtool.tools.demo import EMBEDDED_FP, DemoBudget, run_demo
+from bdmtool.tools.demo import EMBEDDED_FP, STUDENTS, DemoBudget, run_demo, student_path
 from bdmtool.tools.report import table_rows
 
 pytestmark = pytest.mark.slow
-MINIMAL = DemoBudget(qat_steps=2, qat_batch=4, n_samples=6, n_reference=20, steps=3, bench_runs=2)
+# One shipped student (the others take the same code path) keeps the test's exports to two.
+MINIMAL = DemoBudget(qat_steps=2, qat_batch=4, n_samples=6, n_reference=20, steps=3, bench_runs=2,
+                     students=("binarydm_w1a4",))
 
 
 def test_embedded_checkpoint_is_small_and_loads():
@@ -22,6 +24,13 @@ def test_embedded_checkpoint_is_small_and_loads():
     assert EMBEDDED_FP.stat().st_size <= 10 * 2**20
     model, spec, ckpt = load_model(EMBEDDED_FP)
     assert spec.unet.ch == 32 and spec.data.source == "mnist5k" and ckpt["optimizer"] is None
+    for name in STUDENTS:  # shipped students: packed, small, trained from the embedded teacher
+        path = student_path(name)
+        if not path.is_file():
+            pytest.fail(f"shipped student {name} is missing: ONLY={name} STAGE=students scripts/make_assets.sh")
+        assert path.stat().st_size <= 1 * 2**20
+        s_model, s_spec, s_ckpt = load_model(path)
+        assert s_spec.binarize is not None and s_ckpt.get("packed") and s_spec.unet == spec.unet
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +43,16 @@ def demo(tmp_path_factory):
 def test_demo_artefacts_and_numbers_match_the_json(demo):
     out, result, _ = demo
     s = result.summaries
-    assert {"fp", "qat_binarydm_w1a4", "qat_bidm_w1a1", "export_fp", "export_binarydm_w1a4", "export_bidm_w1a1",
-            "bench_host", "ops"} <= set(s)
+    assert set(s) == {"fp", "student_binarydm_w1a4", "qat_binarydm_w1a4", "export_fp", "export_binarydm_w1a4",
+                      "bench_host", "ops"}
     for name in [k for k in s if k != "ops"]:
         done = json.loads((out / name / "done.json").read_text())
         assert done["summary"] == s[name]
         if "grid" in s[name]:
             assert (out / s[name]["grid"]).stat().st_size > 100
-    for tag in ("fp", "binarydm_w1a4", "bidm_w1a1"):
+    for tag in ("fp", "binarydm_w1a4"):
         assert (out / f"export_{tag}" / f"{tag}.tflite").is_file() and (out / f"export_{tag}" / f"{tag}.json").is_file()
-    assert s["export_bidm_w1a1"]["bconv_ops"] > 0 and s["export_fp"]["bconv_ops"] == 0
+    assert s["export_binarydm_w1a4"]["bconv_ops"] > 0 and s["export_fp"]["bconv_ops"] == 0
     assert (out / s["bench_host"]["convs"]["chart"]).stat().st_size > 5000
     # The FP model sampled through onnx2tf's .tflite gives the PyTorch images.
     assert s["export_fp"]["metrics"]["fid"] == pytest.approx(s["fp"]["metrics"]["fid"], rel=1e-3)
@@ -55,24 +64,27 @@ def test_demo_artefacts_and_numbers_match_the_json(demo):
 
     md, page = (out / "report.md").read_text(), (out / "index.html").read_text()
     rows = table_rows(s)
-    assert [r["model"] for r in rows] == ["FP (embedded)", "BinaryDM", "BiDM"]
-    for r, (qat, exp) in zip(rows, [("fp", "export_fp"), ("qat_binarydm_w1a4", "export_binarydm_w1a4"),
-                                    ("qat_bidm_w1a1", "export_bidm_w1a1")]):
-        assert r["fid_torch"] == s[qat]["metrics"]["fid"] and r["fid_tflite"] == s[exp]["metrics"]["fid"]
+    steps = s["student_binarydm_w1a4"]["steps"]
+    assert [r["model"] for r in rows] == ["FP (embedded)", f"BinaryDM W1A4 (shipped, {steps} steps)",
+                                          "BinaryDM W1A4, short QAT (2 steps)"]
+    for r, (torch_stage, exp) in zip(rows, [("fp", "export_fp"), ("student_binarydm_w1a4", "export_binarydm_w1a4"),
+                                            ("qat_binarydm_w1a4", None)]):
+        assert r["fid_torch"] == s[torch_stage]["metrics"]["fid"]
+        assert r["fid_tflite"] == (s[exp]["metrics"]["fid"] if exp else None)
         for text in (md, page):
-            assert f"{r['fid_torch']:.1f}" in text and f"{r['tflite_kib']:.0f}" in text
-    bench = json.loads((out / s["bench_host"]["models"]["bidm_w1a1"]["results"]).read_text())
-    assert rows[2]["host_ms"] == bench["models"]["binary"]["latency"]["median_ms"]
+            assert f"{r['fid_torch']:.1f}" in text and (exp is None or f"{r['tflite_kib']:.0f}" in text)
+    bench = json.loads((out / s["bench_host"]["models"]["binarydm_w1a4"]["results"]).read_text())
+    assert rows[1]["host_ms"] == bench["models"]["binary"]["latency"]["median_ms"]
     assert f"{bench['speedup']:.2f}x" in md
-    assert "bdmtool train --method bidm" in md and "torch" in md
+    assert "bdmtool train --method binarydm" in md and "torch" in md
 
 
 def test_demo_rerun_reuses_every_stage(demo):
     out, result, _ = demo
     logs = []
     again = run_demo(out, MINIMAL, log=logs.append)
-    assert sum("already done" in line for line in logs) == 7
-    assert again.summaries["qat_bidm_w1a1"] == result.summaries["qat_bidm_w1a1"]
+    assert sum("already done" in line for line in logs) == 6
+    assert again.summaries == result.summaries
 
 
 def _chromium() -> str | None:

@@ -4,18 +4,21 @@ Stages (each writes ``OUT/<stage>/`` and a ``done.json`` with its parameters; a 
 whose ``done.json`` matches, so an interrupted demo continues where it stopped):
 
 1. ``fp``: DDIM samples of the embedded FP model + FID against MNIST-5k;
-2. ``qat_binarydm_w1a4``, ``qat_bidm_w1a1``: QAT from the embedded teacher, samples, FID;
-3. ``export_*``: the FP model through ONNX -> onnx2tf, the binarized ones to LCE ``.tflite`` (op inventory and
+2. ``student_<name>``: the same for every shipped binarized student (``bdmtool/assets/tiny_mnist_<name>.ckpt``,
+   trained from the embedded teacher by ``scripts/make_assets.sh``);
+3. ``qat_binarydm_w1a4``: a short QAT run from the embedded teacher, to show that training works;
+4. ``export_*``: the FP model through ONNX -> onnx2tf, the shipped students to LCE ``.tflite`` (op inventory and
    parity verified by the exporter), then the same DDIM sampling through the LCE interpreter, and its FID;
-4. ``bench``: host latency of every ``.tflite`` (android_bench host path) and of every conv alone; and with
+5. ``bench``: host latency of every ``.tflite`` (android_bench host path) and of every conv alone; and with
    ``device='adb:SERIAL'`` the same on a phone;
-5. the report: ``OUT/index.html`` and ``OUT/report.md`` built from the stages' JSON.
+6. the report: ``OUT/index.html`` and ``OUT/report.md`` built from the stages' JSON.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,10 +26,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bdmtool
-from bdmtool.files import atomic_write
+from bdmtool.files import atomic_write, file_sha256
+from bdmtool.trainer.checkpoint import read_spec
+
+METHOD_LABELS = {"binarydm": "BinaryDM", "bidm": "BiDM", "xnor": "XNOR", "xnorpp": "XNOR++", "dorefa": "DoReFa",
+                 "reactnet": "ReActNet", "reste": "ReSTE", "bbcu": "BBCU", "baseline": "Baseline"}
 
 EMBEDDED_FP = Path(bdmtool.ASSETS) / "tiny_mnist_fp.ckpt"
-QAT_RUNS = (("binarydm", 4, "BinaryDM W1A4"), ("bidm", 1, "BiDM W1A1"))
+QAT_RUNS = (("binarydm", 4, "BinaryDM W1A4, short QAT"),)
+STUDENTS = ("binarydm_w1a8", "binarydm_w1a4", "bidm_w1a1", "xnor_w1a1")  # scripts/make_assets.sh
+
+
+def student_path(name: str) -> Path:
+    return Path(bdmtool.ASSETS) / f"tiny_mnist_{name}.ckpt"
 
 
 @dataclass(frozen=True)
@@ -41,13 +53,14 @@ class DemoBudget:
     seed: int = 0
     bench_runs: int = 10
     clip_x0: bool = True  # every sampler (PyTorch and .tflite) clamps the predicted x0 to [-1, 1]
+    students: tuple[str, ...] = STUDENTS  # which shipped students to sample, export and benchmark
 
     def scaled(self, k: float) -> "DemoBudget":
         if k <= 0:
             raise ValueError(f"--budget must be > 0, got {k}")
         return DemoBudget(max(1, round(self.qat_steps * k)), self.qat_batch, max(4, round(self.n_samples * k)),
                           min(5000, max(16, round(self.n_reference * k))), self.steps, self.seed, self.bench_runs,
-                          self.clip_x0)
+                          self.clip_x0, self.students)
 
 
 @dataclass
@@ -105,6 +118,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     from bdmtool.trainer import fid
     from bdmtool.trainer.data import load_images, load_npz
     from bdmtool.trainer.metrics import read_metrics
+    from bdmtool.trainer.checkpoint import load_checkpoint
     from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
     from bdmtool.trainer.spec import DataConfig, build_train_spec
     from bdmtool.trainer.train import train
@@ -173,7 +187,31 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                                 f"bdmtool sample --tflite export/{name}.tflite {sample_args} --out samples")}
         return run
 
+    def student_stage(name: str, ckpt: Path):
+        def run(folder: Path) -> dict:
+            spec = read_spec(ckpt)
+            png, npz = sample_checkpoint(ckpt, folder / "samples", opts)
+            label = f"{METHOD_LABELS.get(spec.binarize.method, spec.binarize.method)} W1A{spec.binarize.abits}"
+            extra = {}
+            loss = ckpt.with_name(ckpt.stem + "_loss.png")  # the training curve make_assets.sh ships beside it
+            if loss.is_file():
+                shutil.copyfile(loss, folder / "loss.png")
+                extra["loss_png"] = str((folder / "loss.png").relative_to(out))
+            return {**extra, "label": label, "bits": f"W1A{spec.binarize.abits}", "ckpt": str(ckpt),
+                    "steps": load_checkpoint(ckpt)["step"], "grid": str(png.relative_to(out)), "metrics": score(npz),
+                    "command": f"bdmtool sample {ckpt.relative_to(Path(bdmtool.ASSETS).parents[1])} {sample_args} "
+                               f"--out samples && " + eval_cmd.format(src=f"bdmtool/assets/{ckpt.name}")}
+        return run
+
+    students = {n: student_path(n) for n in b.students if student_path(n).is_file()}
+    for n in b.students:
+        if n not in students:
+            log(f"[demo] shipped student {n} not found ({student_path(n)}): build it with "
+                f"`ONLY={n} STAGE=students scripts/make_assets.sh`; skipping it")
     stages = [Stage("fp", {"budget": asdict(b)}, fp_stage)]
+    for n, ckpt in students.items():
+        stages.append(Stage(f"student_{n}", {"budget": asdict(b), "sha256": file_sha256(ckpt)},
+                            student_stage(n, ckpt)))
     for method, abits, label in QAT_RUNS:
         stages.append(Stage(f"qat_{method}_w1a{abits}", {"budget": asdict(b)}, qat_stage(method, abits, label)))
     result = DemoResult(out)
@@ -181,10 +219,9 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
         result.summaries[st.name] = _run_stage(st, out, log)
 
     exports = [Stage("export_fp", {"budget": asdict(b)}, export_stage(str(EMBEDDED_FP), "fp", "fp"))]
-    for method, abits, _ in QAT_RUNS:
-        ckpt = result.summaries[f"qat_{method}_w1a{abits}"]["ckpt"]
-        exports.append(Stage(f"export_{method}_w1a{abits}", {"budget": asdict(b), "ckpt": ckpt},
-                             export_stage(ckpt, "lce", f"{method}_w1a{abits}")))
+    for n, ckpt in students.items():
+        exports.append(Stage(f"export_{n}", {"budget": asdict(b), "sha256": file_sha256(ckpt)},
+                             export_stage(str(ckpt), "lce", n)))
     for st in exports:
         result.summaries[st.name] = _run_stage(st, out, log)
 
@@ -193,15 +230,18 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
             bopts = BenchOptions(runs=b.bench_runs, repeats=3, warmup_runs=3)
             fp_tfl = result.summaries["export_fp"]["tflite"]
             summary = {"device": dev, "models": {}}
-            for method, abits, label in QAT_RUNS:
-                tag = f"{method}_w1a{abits}"
+            for tag in students:
+                label = result.summaries[f"student_{tag}"]["label"]
                 res = run_bench(result.summaries[f"export_{tag}"]["tflite"], fp_tfl, dev, folder / tag, bopts,
                                 benchmark_binary=benchmark_binary, log=log)
                 summary["models"][tag] = {"label": label, "binary_ms": res["models"]["binary"]["latency"]["median_ms"],
                                           "fp_ms": res["models"]["baseline"]["latency"]["median_ms"],
                                           "speedup": res["speedup"], "target": res["target"]["label"],
                                           "results": str((folder / tag / "results.json").relative_to(out))}
-            index = export_convs(result.summaries["qat_bidm_w1a1"]["ckpt"], folder, log=lambda s: None)
+            conv_src = next((str(students[n]) for n in ("bidm_w1a1", *students) if n in students),
+                            result.summaries["qat_binarydm_w1a4"]["ckpt"])
+            summary["convs_source"] = conv_src
+            index = export_convs(conv_src, folder, log=lambda s: None)
             res = run_bench(None, None, dev, folder / "convs_bench", bopts, convs=index,
                             benchmark_binary=benchmark_binary, log=log)
             sel = [c for c in res["convs"] if c["binary_in_model"]]
@@ -210,7 +250,8 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                                 "layers": len(res["convs"]), "binary_layers": len(sel),
                                 "fp_ms": sum(c["fp"]["median_ms"] for c in sel),
                                 "binary_ms": sum(c["binary"]["median_ms"] for c in sel)}
-            summary["command"] = (f"bdmtool bench export/bidm_w1a1.tflite --baseline export/fp.tflite --device {dev} && "
+            first = next(iter(students), "bidm_w1a1")
+            summary["command"] = (f"bdmtool bench export/{first}.tflite --baseline export/fp.tflite --device {dev} && "
                                   f"bdmtool export CKPT --target convs --out x && "
                                   f"bdmtool bench --convs x/convs --device {dev}")
             return summary
@@ -223,7 +264,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                                                    if k.startswith("export_")]}
         result.summaries[name] = _run_stage(Stage(name, params, bench_stage(dev)), out, log)
 
-    result.summaries["ops"] = _ops_summary()
+    result.summaries["ops"] = _ops_summary(list(students))
     from .report import write_report
 
     write_report(result.out, result.summaries, _environment(), asdict(b))
@@ -231,11 +272,14 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     return result
 
 
-def _ops_summary() -> dict:
-    """Theoretical size / OPs of each demo model (the accountant, tiny preset)."""
+def _ops_summary(students: list[str]) -> dict:
+    """Theoretical size / OPs of each demo model (the accountant on the checkpoints themselves)."""
     from bdmtool.tools.ops import account
 
     rows = {"fp": account(preset="tiny", wbits=32, abits=32)}
     for method, abits, _ in QAT_RUNS:
-        rows[f"{method}_w1a{abits}"] = account(preset="tiny", wbits=1, abits=abits, method=method)
+        rows[f"qat_{method}_w1a{abits}"] = account(preset="tiny", wbits=1, abits=abits, method=method)
+    for n in students:
+        spec = read_spec(student_path(n))
+        rows[n] = account(preset="tiny", wbits=1, abits=spec.binarize.abits, method=spec.binarize.method)
     return {k: {"size_mib": v["size_mib"], "gops": v["ops"] / 1e9} for k, v in rows.items()}

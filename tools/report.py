@@ -10,27 +10,37 @@ from pathlib import Path
 
 from bdmtool.files import atomic_write
 
-MODELS = (("fp", "export_fp", "FP (embedded)", "W32A32"),
-          ("qat_binarydm_w1a4", "export_binarydm_w1a4", "BinaryDM", "W1A4"),
-          ("qat_bidm_w1a1", "export_bidm_w1a1", "BiDM", "W1A1"))
+def models(s: dict) -> list[tuple[str, str | None, str, str, str]]:
+    """(PyTorch stage, export stage or None, label, bits, tag) of every model in the report, in table order:
+    the FP model, the shipped students, then the short QAT run (not exported)."""
+    out = [("fp", "export_fp", "FP (embedded)", "W32A32", "fp")]
+    for k in s:
+        if k.startswith("student_"):
+            tag = k.removeprefix("student_")
+            out.append((k, f"export_{tag}" if f"export_{tag}" in s else None, f"{s[k]['label']} (shipped, "
+                        f"{s[k]['steps']} steps)", s[k]["bits"], tag))
+    for k in s:
+        if k.startswith("qat_"):
+            out.append((k, None, f"{s[k]['label']} ({s[k]['steps']} steps)", s[k]["bits"], k))
+    return out
 
 
 def table_rows(s: dict) -> list[dict]:
     """One row per model with every number the report shows (also used by the tests)."""
     bench = s.get("bench_host", {}).get("models", {})
     ops = s.get("ops", {})
+    fp_ms = next(iter(bench.values()), {}).get("fp_ms")
     rows = []
-    for qat, exp, label, bits in MODELS:
-        tag = exp.removeprefix("export_")
+    for torch_stage, exp, label, bits, tag in models(s):
         b = bench.get(tag, {})
-        fp_ms = next(iter(bench.values()), {}).get("fp_ms")
+        x = s[exp] if exp else {}
+        m = s[torch_stage]["metrics"]
         rows.append({
-            "model": label, "bits": bits,
-            "tflite_kib": s[exp]["file_bytes"] / 1024, "bconv_ops": s[exp]["bconv_ops"],
+            "model": label, "bits": bits, "tag": tag,
+            "tflite_kib": x["file_bytes"] / 1024 if x else None, "bconv_ops": x.get("bconv_ops"),
             "theory_mib": ops.get(tag, {}).get("size_mib"), "gops": ops.get(tag, {}).get("gops"),
-            "fid_torch": s[qat]["metrics"]["fid"], "fid_tflite": s[exp]["metrics"]["fid"],
-            "sfid_torch": s[qat]["metrics"]["sfid"], "precision": s[qat]["metrics"]["precision"],
-            "recall": s[qat]["metrics"]["recall"],
+            "fid_torch": m["fid"], "fid_tflite": x["metrics"]["fid"] if x else None,
+            "sfid_torch": m["sfid"], "precision": m["precision"], "recall": m["recall"],
             "host_ms": b.get("binary_ms", fp_ms if tag == "fp" else None),
             "speedup": b.get("speedup", 1.0 if tag == "fp" else None)})
     return rows
@@ -45,7 +55,7 @@ HEADER = ["model", "bits", ".tflite (KiB)", "LceBconv2d", "size, theory (MiB)", 
 
 
 def _cells(r: dict) -> list[str]:
-    return [r["model"], r["bits"], _f(r["tflite_kib"], ".0f"), str(r["bconv_ops"]), _f(r["theory_mib"], ".2f"),
+    return [r["model"], r["bits"], _f(r["tflite_kib"], ".0f"), _f(r["bconv_ops"], "d"), _f(r["theory_mib"], ".2f"),
             _f(r["gops"], ".3f"), _f(r["fid_torch"], ".1f"), _f(r["fid_tflite"], ".1f"), _f(r["sfid_torch"], ".1f"),
             _f(r["precision"], ".2f"), _f(r["recall"], ".2f"), _f(r["host_ms"], ".2f"), _f(r["speedup"], ".2f") + "x"]
 
@@ -53,29 +63,33 @@ def _cells(r: dict) -> list[str]:
 def write_report(out: Path, s: dict, env: dict, budget: dict) -> tuple[Path, Path]:
     rows = table_rows(s)
     n, nref = s["fp"]["metrics"]["n_samples"], s["fp"]["metrics"]["n_reference"]
-    intro = (f"Tiny U-Net (1.52 M parameters) on MNIST-5k 32x32: the embedded full-precision model and two binarized "
-             f"students trained from it by {budget['qat_steps']}-step QAT (batch {budget['qat_batch']}). "
+    intro = (f"Tiny U-Net (1.52 M parameters) on MNIST-5k 32x32: the embedded full-precision model, the binarized "
+             f"students shipped with bdmtool (trained from it by scripts/make_assets.sh; bdmtool/assets/README.md), "
+             f"and a {budget['qat_steps']}-step QAT run (batch {budget['qat_batch']}) that shows training works. "
              f"DDIM {budget['steps']} steps, seed {budget['seed']}, the same initial noise for every model. "
              f"FID/sFID/precision/recall: {n} samples vs {nref} MNIST-5k images (small-sample FID is biased "
              f"upwards; compare rows, not papers). Latencies are x86 host numbers through the LCE Python "
              f"interpreter, not a phone: LCE's optimized binary kernels are ARM code.")
     conv = s.get("bench_host", {}).get("convs", {})
-    conv_line = (f"Per-convolution micro-models ({conv.get('layers')} layers of the BiDM model, "
+    src = Path(s.get("bench_host", {}).get("convs_source", "")).name
+    conv_line = (f"Per-convolution micro-models ({conv.get('layers')} layers of {src}, "
                  f"{conv.get('binary_layers')} binary in the model): sum of FP {conv.get('fp_ms', 0):.2f} ms vs "
                  f"binary {conv.get('binary_ms', 0):.2f} ms on this host.") if conv else ""
-    parity = {label: ", ".join(f"{k} {v:.1e}" for k, v in s[exp]["parity"].items()) for _, exp, label, _ in MODELS}
+    ms = models(s)
+    parity = {label: ", ".join(f"{k} {v:.1e}" for k, v in s[exp]["parity"].items()) for _, exp, label, _, _ in ms if exp}
+    trained = [(t, label) for t, _, label, _, _ in ms if "loss_png" in s[t]]
     commands = [(s[k].get("label", k), s[k]["command"]) for k in s if isinstance(s[k], dict) and "command" in s[k]]
 
     md = ["# bdmtool demo report", "", intro, "", "| " + " | ".join(HEADER) + " |",
           "|" + "---|" * len(HEADER)]
     md += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     md += ["", "## Samples (PyTorch | .tflite in the LCE interpreter)", ""]
-    for qat, exp, label, bits in MODELS:
-        md.append(f"**{label} {bits}**: ![]({s[qat]['grid']}) ![]({s[exp]['grid']})")
+    for t, exp, label, bits, _ in ms:
+        md.append(f"**{label} {bits}**: ![]({s[t]['grid']})" + (f" ![]({s[exp]['grid']})" if exp else ""))
     if conv:
         md += ["", "## Per-convolution latency (host)", "", conv_line, "", f"![]({conv['chart']})",
                f"Table: [{conv['table']}]({conv['table']})"]
-    md += ["", "## Training loss", ""] + [f"**{s[q]['label']}**: ![]({s[q]['loss_png']})" for q, *_ in MODELS[1:]]
+    md += ["", "## Training loss", ""] + [f"**{label}**: ![]({s[t]['loss_png']})" for t, label in trained]
     md += ["", "## Export parity (max |d eps|)", ""] + [f"- {k}: {v}" for k, v in parity.items()]
     md += ["", "## Reproduce", ""] + [f"- {k}: `{c}`" for k, c in commands]
     md += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()] + [""]
@@ -87,10 +101,10 @@ def write_report(out: Path, s: dict, env: dict, budget: dict) -> tuple[Path, Pat
     grids = "".join(
         f"<figure><figcaption>{e(label)} {bits}</figcaption><div class=pair>"
         f"<div><img src='{e(s[q]['grid'])}' alt='{e(label)} PyTorch samples'><span>PyTorch</span></div>"
-        f"<div><img src='{e(s[x]['grid'])}' alt='{e(label)} tflite samples'><span>.tflite (LCE)</span></div>"
-        f"</div></figure>" for q, x, label, bits in MODELS)
-    losses = "".join(f"<figure><figcaption>{e(s[q]['label'])}</figcaption><img class=plot src='{e(s[q]['loss_png'])}' "
-                     f"alt='loss curve'></figure>" for q, *_ in MODELS[1:])
+        + (f"<div><img src='{e(s[x]['grid'])}' alt='{e(label)} tflite samples'><span>.tflite (LCE)</span></div>"
+           if x else "") + "</div></figure>" for q, x, label, bits, _ in ms)
+    losses = "".join(f"<figure><figcaption>{e(label)}</figcaption><img class=plot src='{e(s[t]['loss_png'])}' "
+                     f"alt='loss curve'></figure>" for t, label in trained)
     conv_html = (f"<h2>Per-convolution latency (host)</h2><p>{e(conv_line)}</p><img class=wide src='{e(conv['chart'])}' "
                  f"alt='per-conv latency chart'>") if conv else ""
     page = f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>bdmtool demo report</title>
