@@ -38,6 +38,11 @@ def w(tmp_path_factory):
     fp = train(build_train_spec("tiny", "digits", 2, [*MICRO_UNET, *COMMON]), d / "fp", progress=False)
     student = train(build_train_spec(method="binarydm", teacher=str(fp), steps=2, overrides=COMMON),
                     d / "student", progress=False)
+    dorefa = train(build_train_spec(method="dorefa", teacher=str(fp), steps=1, overrides=COMMON), d / "dorefa",
+                   progress=False)
+    per_batch = train(build_train_spec(method="binarydm", teacher=str(fp), steps=1,
+                                       overrides=[*COMMON, "binarize.lsq_step=per_batch"]), d / "per_batch",
+                      progress=False)
     ck = load_checkpoint(fp)
 
     def variant(name: str, edit) -> str:
@@ -66,7 +71,7 @@ def w(tmp_path_factory):
         c["model"] = [1, 2, 3]
 
     files = {
-        "fp": str(fp), "student": str(student), "dir": d,
+        "fp": str(fp), "student": str(student), "dir": d, "dorefa": str(dorefa), "per_batch": str(per_batch),
         "nan": variant("nan.ckpt", nan_weights), "shape": variant("shape.ckpt", wrong_shape),
         "missing": variant("missing.ckpt", missing_key), "arch": variant("arch.ckpt", other_arch),
         "badspec": variant("badspec.ckpt", bad_spec), "notdict": variant("notdict.ckpt", not_dict),
@@ -210,7 +215,10 @@ def _cases():
         ("export-fp-to-lce", ["export", F("fp"), "--target", "lce", "--out", O("x3")], "--target fp"),
         ("export-nan", ["export", F("nan"), "--target", "fp", "--out", O("x4")], "non-finite"),
         ("export-tol-negative", ["export", F("student"), "--tol", "-1", "--out", O("x5")], "--tol"),
-        ("export-out-under-file", ["export", F("student"), "--out", UNDER_FILE("x")], "a_file"),
+        ("export-unfinished-progressive", ["export", F("student"), "--out", O("x9")], "--allow-float-layers"),
+        ("export-out-under-file", ["export", F("fp"), "--target", "fp", "--out", UNDER_FILE("x")], "a_file"),
+        ("export-dorefa-codes", ["export", F("dorefa"), "--out", O("x7")], "DoReFa"),
+        ("export-per-batch-lsq", ["export", F("per_batch"), "--out", O("x8")], "lsq_step=learned"),
         ("export-missing-key", ["export", F("missing"), "--target", "fp", "--out", O("x6")], "conv_out.weight"),
         # --- import
         ("import-garbage-file", ["import", P("garbage.ckpt"), "--out", O("i1.ckpt")], "garbage.ckpt"),

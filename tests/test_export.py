@@ -167,8 +167,8 @@ def test_w1a4_bit_planes(tmp_path, teacher):
     from bdmtool.exporter.inspect_tflite import inspect_model
     from bdmtool.tools.export import export_checkpoint
 
-    spec = build_train_spec(method="binarydm", abits=4, teacher=teacher, steps=4,
-                            overrides=[*COMMON, "binarize.ebb_stage2_step=2"])
+    spec = build_train_spec(method="binarydm", abits=4, teacher=teacher, steps=6,
+                            overrides=[*COMMON, "binarize.ebb_stage2_step=2"])  # progressive done at 5
     res = export_checkpoint(train(spec, tmp_path / "bdm", progress=False), tmp_path / "e", log=lambda s: None)
     rep = res.report
     assert rep["bconv_ops"] == 4 * rep["binary_layers"]
@@ -215,8 +215,8 @@ def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
     from bdmtool.exporter.pipeline import A8_TOL, INT8_TOL
     from bdmtool.tools.export import export_checkpoint
 
-    spec = build_train_spec(method="binarydm", abits=8, teacher=teacher, steps=4,
-                            overrides=[*COMMON, "binarize.ebb_stage2_step=2"])
+    spec = build_train_spec(method="binarydm", abits=8, teacher=teacher, steps=6,
+                            overrides=[*COMMON, "binarize.ebb_stage2_step=2"])  # progressive done at 5
     ckpt = train(spec, tmp_path / "bdm8", progress=False)
     res = export_checkpoint(ckpt, tmp_path / "i8", log=lambda s: None)
     rep = res.report

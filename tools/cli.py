@@ -170,12 +170,16 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, ben
                    "4-bit levels downstream: check its samples with `bdmtool eval`). Zero-padded W1A4 needs int8.")
 @click.option("--tol", type=float, default=None,
               help="Max |d eps| allowed between stages [default: 1e-4; int8 path: 0.25; W1A8 bit planes: 0.1].")
+@click.option("--allow-float-layers", is_flag=True,
+              help="Export a checkpoint whose progressive schedule left some binary layers float (as float convs, "
+                   "with a warning) instead of refusing it.")
 @_friendly
-def export(ckpt, target, out, name, a8, a4, tol):
+def export(ckpt, target, out, name, a8, a4, tol, allow_float_layers):
     """Export CKPT to a .tflite + sidecar JSON, checking parity at every stage and the binary op inventory."""
     from bdmtool.tools.export import export_checkpoint
 
-    result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, a8=a8, a4=a4, log=click.echo)
+    result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, a8=a8, a4=a4, log=click.echo,
+                               allow_float_layers=allow_float_layers)
     if target == "convs":
         return
     click.echo(f"wrote {result.tflite} ({result.report['file_bytes'] / 1024:.1f} KiB) and {result.sidecar}")

@@ -8,23 +8,17 @@ from pathlib import Path
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
                       tol: float | None = None, a8: str = "int8", a4: str = "bitplanes",
-                      log: Callable[[str], None] = print):
+                      log: Callable[[str], None] = print, allow_float_layers: bool = False):
     from bdmtool.trainer.bundle import write_bundle
 
     if target == "convs":
         return export_convs(ckpt, out, log=log)
     if target == "fp":
         ckpt = fp_source(ckpt)
-    if target == "lce":  # refuse in a second what the exporter would refuse after the bundle
-        from bdmtool.exporter.binary_layers import NotExportableError, padding_refusal
-        from bdmtool.trainer.checkpoint import read_spec
-
-        b = read_spec(ckpt).binarize
-        if b is None:
-            raise NotExportableError(f"{ckpt} is a full-precision checkpoint: --target lce would write a float model "
-                                     "with no LceBconv2d; use --target fp (or keras-fp), or export a binarized student")
-        if why := padding_refusal(b.to_dict() if b else None, a8, a4):
-            raise NotExportableError(why)
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"--tol must be >= 0, got {tol}")
+    if target == "lce":  # refuse in a second what the exporter would refuse (or silently accept) after minutes
+        preflight(ckpt, a8, a4, allow_float_layers, log)
     bundle = write_bundle(ckpt, Path(out) / "bundle")
     log(f"[bundle] {bundle}")
     if target == "fp":
@@ -36,6 +30,44 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
     from bdmtool.exporter.pipeline import export_lce
 
     return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, a4=a4, log=log)
+
+
+def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_float_layers: bool = False,
+              log: Callable[[str], None] = print) -> None:
+    """Everything decidable from the checkpoint alone, checked before the bundle: an FP checkpoint, activation
+    codes with no LCE form, per-batch LSQ steps, a padding mode the kernel path cannot reproduce, EBB's second
+    basis on 1-bit layers, and binary layers that are still float (an unfinished progressive schedule)."""
+    from bdmtool.exporter.binary_layers import NotExportableError, padding_refusal
+    from bdmtool.trainer.checkpoint import checkpoint_spec, inference_weights, load_checkpoint
+
+    ck = load_checkpoint(ckpt)
+    b = checkpoint_spec(ck).binarize
+    if b is None:
+        raise NotExportableError(f"{ckpt} is a full-precision checkpoint: --target lce would write a float model "
+                                 "with no LceBconv2d; use --target fp (or keras-fp), or export a binarized student")
+    if b.abits == 1 and b.act not in ("ste_sign", "approx_sign", "rsign", "reste"):
+        raise NotExportableError(f"{ckpt}: its 1-bit activation quantizer {b.act!r} has no LCE binary form (it is "
+                                 "not a +-1 sign; DoReFa's {0,1} codes would run as float ops); train with a sign "
+                                 "activation (e.g. --method xnor) to export to LCE, or export --target fp")
+    if b.abits in (4, 8) and b.act == "lsq" and b.lsq_step != "learned":
+        raise NotExportableError(f"{ckpt}: LSQ step {b.lsq_step!r} is computed from each batch at run time; export "
+                                 "needs a learned (constant) step: train with --set binarize.lsq_step=learned")
+    if why := padding_refusal(b.to_dict(), a8, a4):
+        raise NotExportableError(why)
+    w = inference_weights(ck)
+    layers = sorted({k.rsplit(".", 1)[0] for k in w if k.endswith(".active")})
+    floating = [n for n in layers if not bool(w[f"{n}.active"])]
+    two = [n for n in layers if b.abits == 1 and bool(w.get(f"{n}.second_basis", False)) and f"{n}.sigma2" in w]
+    if two:
+        raise NotExportableError(f"{ckpt}: EBB's second basis is still active in {len(two)} 1-bit layers "
+                                 f"({two[0]}, ...) at step {ck['step']}: train past binarize.ebb_stage2_step first")
+    if floating:
+        msg = (f"{ckpt}: {len(floating)} of {len(layers)} binary layers are still float at step {ck['step']} (the "
+               f"progressive schedule has not reached {floating[0]}, ...)")
+        if not allow_float_layers:
+            raise NotExportableError(msg + ": train longer, or pass --allow-float-layers to export them as float "
+                                           "convs on purpose")
+        log(f"WARNING: {msg}; exporting them as float convs because --allow-float-layers was given")
 
 
 def fp_source(ckpt: str | Path) -> str:
