@@ -299,7 +299,7 @@ def export_onnx2tf(bundle_dir: str | Path, onnx_path: str | Path, out_dir: str |
     errs = []
     for i in range(len(ref["t"])):
         x, t = _inputs_nhwc(ref, i)
-        feeds = {"x": x, "t": t.reshape(1)}
+        feeds = {"x": x, "t": t}  # [1, 1], as in the LCE exports
         y = interp.predict([feeds[n] for n in in_names])
         errs.append(max_abs(y.transpose(0, 3, 1, 2), ref["eps"][i:i + 1]))
     err = max(errs)
@@ -311,7 +311,9 @@ def export_onnx2tf(bundle_dir: str | Path, onnx_path: str | Path, out_dir: str |
               "binary_param_bytes": 0, "float_param_bytes": inv.float_param_bytes}
     side = sidecar({**meta, "spec": {**meta["spec"], "binarize": None}}, inv, name, "fp")
     side["inputs"][0]["tflite_name"] = inv.inputs[in_names.index("x")]["name"]
-    side["inputs"][1]["shape"] = [1]
+    t_shape = inv.inputs[in_names.index("t")]["shape"]
+    if list(t_shape) != [1, 1]:
+        raise RuntimeError(f"onnx2tf gave t the shape {t_shape}; every bdmtool .tflite takes t as [1, 1]")
     side["tflite_io_order"] = {"inputs": in_names, "outputs": ["eps"]}
     side_path = out / f"{name}.json"
     atomic_write(side_path, json.dumps(side, indent=2))

@@ -159,6 +159,11 @@ def test_fp_target_through_onnx2tf(tmp_path, teacher):
     side = json.loads(res.sidecar.read_text())
     assert side["method"] == "fp" and side["bits"] == {"weights": 32, "activations": 32}
     assert sorted(side["tflite_io_order"]["inputs"]) == ["t", "x"]
+    # one input contract for every exported file: t is float32 [1, 1] here as in the LCE exports
+    from bdmtool.exporter.inspect_tflite import inspect_model
+
+    t_in = [d for d in inspect_model(res.tflite.read_bytes()).inputs if list(d["shape"]) == [1, 1]]
+    assert len(t_in) == 1 and side["inputs"][1]["shape"] == [1, 1] and side["inputs"][1]["dtype"] == "float32"
 
 
 def test_w1a4_bit_planes(tmp_path, teacher):

@@ -97,8 +97,17 @@ def write_onnx(ckpt: str | Path, path: Path) -> Path:
     model, spec, _ = load_model(ckpt)
     u = spec.unet
     x = torch.zeros(1, u.in_channels, u.resolution, u.resolution)
-    torch.onnx.export(model, (x, torch.tensor([1.0])), str(path), input_names=["x", "t"], output_names=["eps"],
-                      opset_version=17, dynamo=False)
+
+    class TwoDimT(torch.nn.Module):  # t as [1, 1] like the LCE exports: one input contract for every .tflite
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t):
+            return self.inner(x, t.reshape(-1))
+
+    torch.onnx.export(TwoDimT(model), (x, torch.tensor([[1.0]])), str(path), input_names=["x", "t"],
+                      output_names=["eps"], opset_version=17, dynamo=False)
     r = subprocess.run([sys.executable, "-m", "onnxsim", str(path), str(path)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"onnxsim failed on {path} (rc={r.returncode}): {r.stderr.strip()[-500:]}")
