@@ -202,6 +202,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     if int8:
         from .calibrate import int8_ranges
 
+        log(f"[lce] W1A{abits} int8: calibrating output ranges (reference inputs + 2 DDIM-20 trajectories) ...")
         probes: dict = {}
         calib = UNetBuilder(meta, weights, partial(binary_conv, a8=a8, a4=a4, probes=probes)).build()
         ranges = int8_ranges(calib, probes, meta, ref)
@@ -211,6 +212,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
         factory = partial(binary_conv, a8=a8, a4=a4, int8_ranges=ranges)
     report["a8_kernel"] = kernel if abits == 8 else None
     report["a4_kernel"] = kernel if abits == 4 else None
+    log(f"[keras] rebuilding the U-Net in Keras/Larq ({len(meta['binary_layers'])} binary layers) ...")
     builder = UNetBuilder(meta, weights, factory)
     model = builder.build()
     keras_out = _reference_outputs(KerasDenoiser(model), ref)
@@ -220,6 +222,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     if target == "lce":
         _gate("keras_vs_pytorch", [max_abs(a, b) for a, b in zip(keras_out, want)], margins, tol, report, log)
 
+    log("[lce] converting with the LCE converter ...")
     fb = convert(model, log)
     path = out / f"{name}.tflite"
     atomic_write(path, fb)
@@ -280,6 +283,7 @@ def export_onnx2tf(bundle_dir: str | Path, onnx_path: str | Path, out_dir: str |
     meta, _, ref = read_bundle(bundle_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    log("[onnx2tf] converting the ONNX graph to a float32 .tflite ...")
     with tempfile.TemporaryDirectory() as tmp:
         onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=tmp, non_verbose=True)
         produced = sorted(Path(tmp).glob("*_float32.tflite"))

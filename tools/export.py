@@ -11,6 +11,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
                       log: Callable[[str], None] = print, allow_float_layers: bool = False):
     from bdmtool.trainer.bundle import write_bundle
 
+    log = timed(log)
     if target == "convs":
         return export_convs(ckpt, out, log=log)
     if target == "fp":
@@ -19,17 +20,28 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         raise ValueError(f"--tol must be >= 0, got {tol}")
     if target == "lce":  # refuse in a second what the exporter would refuse (or silently accept) after minutes
         preflight(ckpt, a8, a4, allow_float_layers, log)
+        log("[preflight] checkpoint is exportable")
+    log("[bundle] weights, binary-layer records and certified reference inputs ...")
     bundle = write_bundle(ckpt, Path(out) / "bundle")
     log(f"[bundle] {bundle}")
     if target == "fp":
         from bdmtool.exporter.pipeline import export_onnx2tf
 
+        log("[onnx] torch.onnx.export + onnxsim ...")
         onnx_path = write_onnx(ckpt, bundle / "model.onnx")
         log(f"[onnx] {onnx_path}")
         return export_onnx2tf(bundle, onnx_path, out, name=name or "fp", tol=1e-4 if tol is None else tol, log=log)
     from bdmtool.exporter.pipeline import export_lce
 
     return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, a4=a4, log=log)
+
+
+def timed(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` with the seconds since the export started in front of every line."""
+    import time
+
+    t0 = time.perf_counter()
+    return lambda msg: log(f"{time.perf_counter() - t0:6.1f} s  {msg}")
 
 
 def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_float_layers: bool = False,
