@@ -159,7 +159,8 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
 
 
 def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float | None = None,
-               target: str = "lce", a8: str = "int8", a4: str = "bitplanes", log=print) -> ExportResult:
+               target: str = "lce", a8: str = "int8", a4: str = "bitplanes", log=print,
+               per_layer: bool = False) -> ExportResult:
     """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files.
 
     ``a8`` / ``a4`` pick the kernel of W1A8 / W1A4 layers: ``int8`` (one int8 CONV_2D per layer, output
@@ -266,6 +267,12 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     atomic_write(out / "export_report.json", json.dumps(report, indent=2))
     if "cached_step_tflite_vs_pytorch" in report["stages"]:
         log(f"[lce] cached second step vs PyTorch: max |d eps| = {report['stages']['cached_step_tflite_vs_pytorch']:.2e}")
+    if per_layer and target == "lce" and expected:
+        from .layer_parity import per_layer_parity
+
+        report["per_layer"], probe_fb = per_layer_parity(meta, weights, ref, factory, fb, log)
+        atomic_write(out / f"{name}.probes.tflite", probe_fb)
+        atomic_write(out / "export_report.json", json.dumps(report, indent=2))
     return ExportResult(path, side_path, report)
 
 

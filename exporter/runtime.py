@@ -116,6 +116,21 @@ class TFLiteDenoiser(Denoiser):
             raise FileFormatError(f"{path} is a truncated or damaged .tflite ({type(e).__name__}); re-export it "
                                   "with `bdmtool export`") from None
 
+    @classmethod
+    def from_bytes(cls, fb: bytes, threads: int = 1) -> "TFLiteDenoiser":
+        """A flatbuffer whose outputs are all named by its signature (no sidecar needed)."""
+        from .inspect_tflite import inspect_model, io_names
+
+        outs = io_names(inspect_model(fb).outputs)
+        return cls(fb, outs if len(outs) > 1 else ["eps"], threads)
+
+    def first_step(self, x_nhwc: np.ndarray, t: float) -> dict[str, np.ndarray]:
+        """Every output of one first sampling step (caches empty), by model-level name."""
+        self.reset()
+        feeds = {"x": x_nhwc.astype(np.float32), "t": np.full((1, 1), t, np.float32),
+                 "cache_valid": np.zeros((1, 1), np.float32), **self.caches}
+        return dict(zip(self.output_names, self._run(feeds)))
+
     def _run(self, feeds):  # noqa: D401 - TFLite input order is the flatbuffer's, fed by name
         args = [feeds[n].reshape(self.input_shapes[n]) for n in self.input_names]  # t: [1, 1] or [1]
         out = self.interp.predict(args if len(args) > 1 else args[0])

@@ -33,7 +33,8 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
     # XNOR as the papers run it (no DC bypass; BiDM keeps bdmtool's default bypass): both recipes are exported.
     # Whether a reference input certifies (margin >= 3e-6) depends on the weights; these two do.
     extra = ["binarize.dc_bypass=none"] if method == "xnor" else []
-    res = export_checkpoint(_qat(teacher, tmp_path, method, extra=extra), tmp_path / "export", log=lambda s: None)
+    res = export_checkpoint(_qat(teacher, tmp_path, method, extra=extra), tmp_path / "export", log=lambda s: None,
+                            per_layer=method == "bidm")
     rep = res.report
     meta = json.loads((tmp_path / "export" / "bundle" / "spec.json").read_text())
     assert ("dc_bypass" in rep["float_layers"]) == (method == "bidm")
@@ -69,6 +70,24 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
         assert [c["output_index"] for c in side["cache_tensors"]] == [io["outputs"].index(f"cache_out_{i}")
                                                                       for i in range(3)]
         assert rep["stages"].get("cached_step_tflite_vs_pytorch", 0.0) <= 1e-4
+        # --per-layer: every binary layer has a record; one figure recomputed here from the probe twin and the
+        # PyTorch layer output the bundle recorded
+        from bdmtool.exporter.layer_parity import to_nhwc
+        from bdmtool.exporter.runtime import TFLiteDenoiser
+
+        per = {r["layer"]: r for r in rep["per_layer"]}
+        assert set(names) <= set(per) and per["(probe twin eps vs exported .tflite)"]["max_abs"] <= 1e-6
+        assert all(per[n]["cosine"] > 0.999 for n in names)
+        probe = tmp_path / "export" / f"{res.tflite.stem}.probes.tflite"
+        den = TFLiteDenoiser.from_bytes(probe.read_bytes())
+        ref = np.load(tmp_path / "export" / "bundle" / "reference_io.npz")
+        outs = den.first_step(ref["x"][:1].transpose(0, 2, 3, 1), float(ref["t"][0]))
+        first = names[0]
+        got = outs[f"probe_{[r['layer'] for r in rep['per_layer']].index(first)}"].ravel()
+        want = to_nhwc(ref[f"layer_out::{first}"]).ravel()
+        assert per[first]["max_abs"] == pytest.approx(float(np.abs(got - want).max()), rel=1e-6, abs=1e-9)
+        cos = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+        assert per[first]["cosine"] == pytest.approx(cos, abs=1e-6)
     else:
         assert side["cache_tensors"] == [] and side["tflite_io_order"]["outputs"] == ["eps"]
     assert side["signature"].startswith("serving_default")  # the saved-model path, not LCE's graphdef fallback

@@ -173,13 +173,16 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, ben
 @click.option("--allow-float-layers", is_flag=True,
               help="Export a checkpoint whose progressive schedule left some binary layers float (as float convs, "
                    "with a warning) instead of refusing it.")
+@click.option("--per-layer", is_flag=True,
+              help="Also report, for every binary layer, max |d| and cosine similarity of its output between "
+                   "PyTorch and the .tflite (export_report.json 'per_layer'; converts a probe twin, ~+50%% time).")
 @_friendly
-def export(ckpt, target, out, name, a8, a4, tol, allow_float_layers):
+def export(ckpt, target, out, name, a8, a4, tol, allow_float_layers, per_layer):
     """Export CKPT to a .tflite + sidecar JSON, checking parity at every stage and the binary op inventory."""
     from bdmtool.tools.export import export_checkpoint
 
     result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, a8=a8, a4=a4, log=click.echo,
-                               allow_float_layers=allow_float_layers)
+                               allow_float_layers=allow_float_layers, per_layer=per_layer)
     if target == "convs":
         return
     click.echo(f"wrote {result.tflite} ({result.report['file_bytes'] / 1024:.1f} KiB) and {result.sidecar}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
                       tol: float | None = None, a8: str = "int8", a4: str = "bitplanes",
-                      log: Callable[[str], None] = print, allow_float_layers: bool = False):
+                      log: Callable[[str], None] = print, allow_float_layers: bool = False, per_layer: bool = False):
     from bdmtool.trainer.bundle import write_bundle
 
     log = timed(log)
@@ -33,7 +33,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         return export_onnx2tf(bundle, onnx_path, out, name=name or "fp", tol=1e-4 if tol is None else tol, log=log)
     from bdmtool.exporter.pipeline import export_lce
 
-    return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, a4=a4, log=log)
+    return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, a4=a4, log=log, per_layer=per_layer)
 
 
 def timed(log: Callable[[str], None]) -> Callable[[str], None]:

@@ -65,6 +65,22 @@ def _fp_param_count(spec) -> int:
 
 
 @torch.no_grad()
+def _layer_outputs(model: torch.nn.Module, layers: list, x: torch.Tensor, t: torch.Tensor) -> dict[str, np.ndarray]:
+    """``layer_out::<name>`` -> the output of each binary layer for one input (a first step: caches reset)."""
+    outs: dict[str, np.ndarray] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=m.name: outs.__setitem__(n, out.float().numpy()))
+             for m in layers]
+    try:
+        reset_state(model)
+        model(x, t)
+    finally:
+        for h in hooks:
+            h.remove()
+        reset_state(model)
+    return {f"layer_out::{n}": v for n, v in outs.items()}
+
+
+@torch.no_grad()
 def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref: int = 4, seed: int = 0,
                  use_ema: bool = True, min_margin: float = 3e-6) -> Path:
     from .train import load_model
@@ -92,6 +108,8 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
         extra = {"x2": x[1:2].numpy(), "t2": t[1:2].numpy(), "eps2": model(x[1:2], t[1:2]).numpy(),
                  "cache_sites": np.array(cache.sites)}
         reset_state(model)
+    if layers:  # every binary layer's output on the first reference input, for `export --per-layer`
+        extra.update(_layer_outputs(model, layers, x[:1], t[:1]))
     atomic_savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy(), margin=margins.numpy(), **extra)
     meta["reference_min_margin"] = float(margins.min()) if len(margins) else None
     atomic_write(out / "spec.json", json.dumps(meta, indent=2))
