@@ -170,10 +170,10 @@ def test_ebb_regulariser_matches_a_hand_computation(tmp_path, teacher, mode):
     with torch.no_grad():  # give sigma_II both signs so the two modes differ
         for i, m in enumerate(ebb):
             m.sigma2.copy_(torch.linspace(-0.3, 0.2, m.sigma2.numel()).reshape(m.sigma2.shape) * (i + 1))
-    values = [float(v) for m in ebb for v in m.sigma2.flatten()]
+    values = [float(v) for m in ebb for v in m.sigma2.detach().flatten()]
     hand = sum(abs(v) if mode == "abs" else v for v in values) / len(values)
     assert float(ebb_regulariser(model, mode)) == pytest.approx(hand, rel=1e-6)
     ebb[0].second_basis.fill_(False)  # a layer in stage 2 no longer counts
-    rest = [float(v) for m in ebb[1:] for v in m.sigma2.flatten()]
+    rest = [float(v) for m in ebb[1:] for v in m.sigma2.detach().flatten()]
     assert float(ebb_regulariser(model, mode)) == pytest.approx(
         sum(abs(v) if mode == "abs" else v for v in rest) / len(rest), rel=1e-6)
