@@ -33,6 +33,12 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> object:
         raise FileFormatError(f"{path} is not valid JSON ({e}); it should be the {what}: re-create it") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
     """Write ``data`` to a temp file beside ``path``, fsync, then rename over it: a full disk or a kill
     leaves the old file or none, never a torn one."""
@@ -43,6 +49,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()

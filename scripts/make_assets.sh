@@ -38,6 +38,7 @@ if [ "$STAGE" = students ] || [ "$STAGE" = all ]; then
     $B pack runs/student_$1/model.ckpt --out $A/tiny_mnist_$1.ckpt
     cp runs/student_$1/loss.png $A/tiny_mnist_$1_loss.png
     $B sample $A/tiny_mnist_$1.ckpt --steps 50 --eta 0 --n 64 --seed 0 --out $A/tiny_mnist_$1.png
+    rm -f $A/tiny_mnist_$1.npz  # the grid and its .json are the asset; the arrays are not shipped
     $B eval $A/tiny_mnist_$1.ckpt --ref mnist5k --n 1000 --out runs/eval/tiny_mnist_$1
   done
   if [ -n "${ONLY:-}" ]; then exit 0; fi

@@ -355,3 +355,16 @@ def test_a_full_disk_is_one_line_and_leaves_no_torn_file(w, tmp_path, command):
             np.load(p)["arr_0"]
         elif p.suffix == ".json":
             json.loads(p.read_text())
+
+
+def test_atomic_writes_keep_the_mode_a_plain_write_would_give(tmp_path):
+    from bdmtool.files import atomic_write
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", "{}")
+        plain = tmp_path / "b.json"
+        plain.write_text("{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
