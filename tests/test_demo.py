@@ -50,10 +50,13 @@ def test_demo_artefacts_and_numbers_match_the_json(demo):
         assert done["summary"] == s[name]
         if "grid" in s[name]:
             assert (out / s[name]["grid"]).stat().st_size > 100
-    for tag in ("fp", "binarydm_w1a4"):
-        assert (out / f"export_{tag}" / f"{tag}.tflite").is_file() and (out / f"export_{tag}" / f"{tag}.json").is_file()
-    assert s["export_binarydm_w1a4"]["bconv_ops"] > 0 and s["export_fp"]["bconv_ops"] == 0
-    assert (out / s["bench_host"]["convs"]["chart"]).stat().st_size > 5000
+    assert (out / "export_fp" / "fp.tflite").is_file() and (out / "export_fp" / "fp.json").is_file()
+    assert s["export_fp"]["bconv_ops"] == 0
+    # The shipped W1A4 student has learned LSQ steps that went negative (docs/methods.md): its export is
+    # refused by the preflight, and the report says so instead of failing or hiding it.
+    refusal = s["export_binarydm_w1a4"].get("refused", "")
+    assert "non-positive learned LSQ step" in refusal
+
     # The FP model sampled through onnx2tf's .tflite gives the PyTorch images.
     assert s["export_fp"]["metrics"]["fid"] == pytest.approx(s["fp"]["metrics"]["fid"], rel=1e-3)
     import numpy as np
@@ -67,15 +70,14 @@ def test_demo_artefacts_and_numbers_match_the_json(demo):
     steps = s["student_binarydm_w1a4"]["steps"]
     assert [r["model"] for r in rows] == ["FP (embedded)", f"BinaryDM W1A4 (shipped, {steps} steps)",
                                           "BinaryDM W1A4, short QAT (2 steps)"]
-    for r, (torch_stage, exp) in zip(rows, [("fp", "export_fp"), ("student_binarydm_w1a4", "export_binarydm_w1a4"),
+    for r, (torch_stage, exp) in zip(rows, [("fp", "export_fp"), ("student_binarydm_w1a4", None),
                                             ("qat_binarydm_w1a4", None)]):
         assert r["fid_torch"] == s[torch_stage]["metrics"]["fid"]
         assert r["fid_tflite"] == (s[exp]["metrics"]["fid"] if exp else None)
         for text in (md, page):
             assert f"{r['fid_torch']:.1f}" in text and (exp is None or f"{r['tflite_kib']:.0f}" in text)
-    bench = json.loads((out / s["bench_host"]["models"]["binarydm_w1a4"]["results"]).read_text())
-    assert rows[1]["host_ms"] == bench["models"]["binary"]["latency"]["median_ms"]
-    assert f"{bench['speedup']:.2f}x" in md
+    assert "binarydm_w1a4" not in s["bench_host"]["models"] and rows[1]["host_ms"] is None
+    assert "Export of binarydm_w1a4 refused: " in md and "non-positive learned LSQ step" in page
     assert "bdmtool train --method binarydm" in md and "torch" in md
 
 

@@ -173,9 +173,15 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                                 f"--out run && " + eval_cmd.format(src="run/model.ckpt"))}
         return run
 
-    def export_stage(source: str, target: str, name: str):
+    def export_stage(source: str, target: str, name: str, may_refuse: bool = False):
         def run(folder: Path) -> dict:
-            res = export_checkpoint(source, folder, target=target, name=name, log=log)
+            try:
+                res = export_checkpoint(source, folder, target=target, name=name, log=log)
+            except ValueError as e:  # a shipped student the exporter refuses: reported, not hidden, not fatal
+                if not may_refuse:
+                    raise
+                log(f"[demo] export of {name} refused: {e}")
+                return {"refused": str(e), "command": f"bdmtool export {source} --out export"}
             t0 = time.perf_counter()
             png, npz = sample_tflite(res.tflite, folder / "samples", opts)
             rep = res.report
@@ -221,7 +227,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     exports = [Stage("export_fp", {"budget": asdict(b)}, export_stage(str(EMBEDDED_FP), "fp", "fp"))]
     for n, ckpt in students.items():
         exports.append(Stage(f"export_{n}", {"budget": asdict(b), "sha256": file_sha256(ckpt)},
-                             export_stage(str(ckpt), "lce", n)))
+                             export_stage(str(ckpt), "lce", n, may_refuse=True)))
     for st in exports:
         result.summaries[st.name] = _run_stage(st, out, log)
 
@@ -230,7 +236,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
             bopts = BenchOptions(runs=b.bench_runs, repeats=3, warmup_runs=3)
             fp_tfl = result.summaries["export_fp"]["tflite"]
             summary = {"device": dev, "models": {}}
-            for tag in students:
+            for tag in [n for n in students if "refused" not in result.summaries[f"export_{n}"]]:
                 label = result.summaries[f"student_{tag}"]["label"]
                 res = run_bench(result.summaries[f"export_{tag}"]["tflite"], fp_tfl, dev, folder / tag, bopts,
                                 benchmark_binary=benchmark_binary, log=log)
@@ -238,9 +244,12 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                                           "fp_ms": res["models"]["baseline"]["latency"]["median_ms"],
                                           "speedup": res["speedup"], "target": res["target"]["label"],
                                           "results": str((folder / tag / "results.json").relative_to(out))}
-            conv_src = next((str(students[n]) for n in ("bidm_w1a1", *students) if n in students),
-                            result.summaries["qat_binarydm_w1a4"]["ckpt"])
+            ok = [n for n in ("bidm_w1a1", *students) if n in students
+                  and "refused" not in result.summaries[f"export_{n}"]]
+            conv_src = str(students[ok[0]]) if ok else None
             summary["convs_source"] = conv_src
+            if conv_src is None:
+                return summary
             index = export_convs(conv_src, folder, log=lambda s: None)
             res = run_bench(None, None, dev, folder / "convs_bench", bopts, convs=index,
                             benchmark_binary=benchmark_binary, log=log)
@@ -260,7 +269,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     devices = ["local"] + ([device] if device else [])
     for dev in devices:
         name = "bench_host" if dev == "local" else "bench_" + dev.replace(":", "_")
-        params = {"budget": asdict(b), "exports": [result.summaries[k]["tflite"] for k in result.summaries
+        params = {"budget": asdict(b), "exports": [result.summaries[k].get("tflite") for k in result.summaries
                                                    if k.startswith("export_")]}
         result.summaries[name] = _run_stage(Stage(name, params, bench_stage(dev)), out, log)
 

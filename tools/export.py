@@ -67,6 +67,12 @@ def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_f
     if why := padding_refusal(b.to_dict(), a8, a4):
         raise NotExportableError(why)
     w = inference_weights(ck)
+    bad_steps = [(k[:-5], float(v.min())) for k, v in w.items() if k.endswith(".step") and float(v.min()) <= 0]
+    if bad_steps:
+        raise NotExportableError(
+            f"{ckpt}: {len(bad_steps)} layers have a non-positive learned LSQ step ({bad_steps[0][0]}: "
+            f"{bad_steps[0][1]:.3g}, ...): the trained quantizer is degenerate there and no int8/bit-plane kernel "
+            "reproduces it; retrain (a smaller train.lr keeps the steps positive) - see docs/methods.md")
     layers = sorted({k.rsplit(".", 1)[0] for k in w if k.endswith(".active")})
     floating = [n for n in layers if not bool(w[f"{n}.active"])]
     two = [n for n in layers if b.abits == 1 and bool(w.get(f"{n}.second_basis", False)) and f"{n}.sigma2" in w]

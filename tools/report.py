@@ -17,7 +17,8 @@ def models(s: dict) -> list[tuple[str, str | None, str, str, str]]:
     for k in s:
         if k.startswith("student_"):
             tag = k.removeprefix("student_")
-            out.append((k, f"export_{tag}" if f"export_{tag}" in s else None, f"{s[k]['label']} (shipped, "
+            exp = f"export_{tag}" if f"export_{tag}" in s and "refused" not in s[f"export_{tag}"] else None
+            out.append((k, exp, f"{s[k]['label']} (shipped, "
                         f"{s[k]['steps']} steps)", s[k]["bits"], tag))
     for k in s:
         if k.startswith("qat_"):
@@ -83,6 +84,8 @@ def write_report(out: Path, s: dict, env: dict, budget: dict) -> tuple[Path, Pat
     md = ["# bdmtool demo report", "", intro, "", "| " + " | ".join(HEADER) + " |",
           "|" + "---|" * len(HEADER)]
     md += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    refused = {k.removeprefix("export_"): s[k]["refused"] for k in s if k.startswith("export_") and "refused" in s[k]}
+    md += [""] + [f"Export of {k} refused: {v}" for k, v in refused.items()] if refused else []
     md += ["", "## Samples (PyTorch | .tflite in the LCE interpreter)", ""]
     for t, exp, label, bits, _ in ms:
         md.append(f"**{label} {bits}**: ![]({s[t]['grid']})" + (f" ![]({s[exp]['grid']})" if exp else ""))
@@ -115,7 +118,7 @@ td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}.grids{{
 img{{image-rendering:pixelated}}.pair img{{width:260px}}img.plot{{max-width:560px;image-rendering:auto}}img.wide{{max-width:100%;image-rendering:auto}}
 figure{{margin:0}}figcaption{{font-weight:600;margin-bottom:4px}}code{{background:#f6f6f6;padding:1px 4px}}</style>
 </head><body><h1>bdmtool demo report</h1><p>{e(intro)}</p>
-<table><tr>{head}</tr>{body}</table>
+<table><tr>{head}</tr>{body}</table>{"".join(f"<p>Export of {e(k)} refused: {e(v)}</p>" for k, v in refused.items())}
 <h2>Samples, same seed: PyTorch vs .tflite</h2><div class=grids>{grids}</div>
 {conv_html}<h2>Training loss</h2><div class=grids>{losses}</div>
 <h2>Export parity (max |&Delta;&epsilon;| per stage)</h2><ul>{"".join(f"<li>{e(k)}: {e(str(v))}</li>" for k, v in parity.items())}</ul>
