@@ -76,6 +76,11 @@ def w(tmp_path_factory):
         "missing": variant("missing.ckpt", missing_key), "arch": variant("arch.ckpt", other_arch),
         "badspec": variant("badspec.ckpt", bad_spec), "notdict": variant("notdict.ckpt", not_dict),
     }
+    sk = load_checkpoint(student)
+    neg = {**sk, "model": dict(sk["model"])}
+    k = next(n for n in neg["model"] if n.endswith(".step"))
+    neg["model"][k] = -neg["model"][k].abs()
+    files["negstep"] = str(atomic_save(neg, d / "negstep.ckpt"))
     (d / "empty.ckpt").write_bytes(b"")
     (d / "garbage.ckpt").write_bytes(os.urandom(4096))
     full = Path(fp).read_bytes()
@@ -215,6 +220,7 @@ def _cases():
         ("export-fp-to-lce", ["export", F("fp"), "--target", "lce", "--out", O("x3")], "--target fp"),
         ("export-nan", ["export", F("nan"), "--target", "fp", "--out", O("x4")], "non-finite"),
         ("export-tol-negative", ["export", F("student"), "--tol", "-1", "--out", O("x5")], "--tol"),
+        ("export-negative-lsq-step", ["export", F("negstep"), "--out", O("x10")], "non-positive learned LSQ step"),
         ("export-unfinished-progressive", ["export", F("student"), "--out", O("x9")], "--allow-float-layers"),
         ("export-out-under-file", ["export", F("fp"), "--target", "fp", "--out", UNDER_FILE("x")], "a_file"),
         ("export-dorefa-codes", ["export", F("dorefa"), "--out", O("x7")], "DoReFa"),
