@@ -81,7 +81,7 @@ def _run_stage(stage: Stage, out: Path, log: Callable[[str], None]) -> dict:
     marker = folder / "done.json"
     if marker.exists():
         done = json.loads(marker.read_text())
-        if done.get("params") == stage.params:
+        if done.get("params") == json.loads(json.dumps(stage.params)):  # as stored: tuples become lists
             log(f"[{stage.name}] already done, reusing {folder}")
             return done["summary"]
     folder.mkdir(parents=True, exist_ok=True)

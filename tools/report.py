@@ -72,7 +72,7 @@ def write_report(out: Path, s: dict, env: dict, budget: dict) -> tuple[Path, Pat
              f"upwards; compare rows, not papers). Latencies are x86 host numbers through the LCE Python "
              f"interpreter, not a phone: LCE's optimized binary kernels are ARM code.")
     conv = s.get("bench_host", {}).get("convs", {})
-    src = Path(s.get("bench_host", {}).get("convs_source", "")).name
+    src = Path(s.get("bench_host", {}).get("convs_source") or "").name
     conv_line = (f"Per-convolution micro-models ({conv.get('layers')} layers of {src}, "
                  f"{conv.get('binary_layers')} binary in the model): sum of FP {conv.get('fp_ms', 0):.2f} ms vs "
                  f"binary {conv.get('binary_ms', 0):.2f} ms on this host.") if conv else ""
