@@ -262,9 +262,6 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
                    cache_shapes={c.name.split(":")[0]: list(c.shape) for c in builder.cache_inputs})
     if kernel:
         side["bits"][f"a{abits}_kernel"] = kernel
-    side_path = out / f"{name}.json"
-    atomic_write(side_path, json.dumps(side, indent=2))
-    atomic_write(out / "export_report.json", json.dumps(report, indent=2))
     if "cached_step_tflite_vs_pytorch" in report["stages"]:
         log(f"[lce] cached second step vs PyTorch: max |d eps| = {report['stages']['cached_step_tflite_vs_pytorch']:.2e}")
     if per_layer and target == "lce" and expected:
@@ -272,7 +269,9 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
 
         report["per_layer"], probe_fb = per_layer_parity(meta, weights, ref, factory, fb, log)
         atomic_write(out / f"{name}.probes.tflite", probe_fb)
-        atomic_write(out / "export_report.json", json.dumps(report, indent=2))
+    side_path = out / f"{name}.json"
+    atomic_write(side_path, json.dumps(side, indent=2))
+    atomic_write(out / "export_report.json", json.dumps(report, indent=2))
     return ExportResult(path, side_path, report)
 
 

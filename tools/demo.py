@@ -27,7 +27,6 @@ from pathlib import Path
 
 import bdmtool
 from bdmtool.files import atomic_write, file_sha256
-from bdmtool.trainer.checkpoint import read_spec
 
 METHOD_LABELS = {"binarydm": "BinaryDM", "bidm": "BiDM", "xnor": "XNOR", "xnorpp": "XNOR++", "dorefa": "DoReFa",
                  "reactnet": "ReActNet", "reste": "ReSTE", "bbcu": "BBCU", "baseline": "Baseline"}
@@ -118,7 +117,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     from bdmtool.trainer import fid
     from bdmtool.trainer.data import load_images, load_npz
     from bdmtool.trainer.metrics import read_metrics
-    from bdmtool.trainer.checkpoint import load_checkpoint
+    from bdmtool.trainer.checkpoint import checkpoint_spec, load_checkpoint
     from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
     from bdmtool.trainer.spec import DataConfig, build_train_spec
     from bdmtool.trainer.train import train
@@ -195,7 +194,8 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
 
     def student_stage(name: str, ckpt: Path):
         def run(folder: Path) -> dict:
-            spec = read_spec(ckpt)
+            ck = load_checkpoint(ckpt)
+            spec = checkpoint_spec(ck)
             png, npz = sample_checkpoint(ckpt, folder / "samples", opts)
             label = f"{METHOD_LABELS.get(spec.binarize.method, spec.binarize.method)} W1A{spec.binarize.abits}"
             extra = {}
@@ -204,7 +204,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                 shutil.copyfile(loss, folder / "loss.png")
                 extra["loss_png"] = str((folder / "loss.png").relative_to(out))
             return {**extra, "label": label, "bits": f"W1A{spec.binarize.abits}", "ckpt": str(ckpt),
-                    "steps": load_checkpoint(ckpt)["step"], "grid": str(png.relative_to(out)), "metrics": score(npz),
+                    "method": spec.binarize.method, "abits": spec.binarize.abits, "steps": ck["step"], "grid": str(png.relative_to(out)), "metrics": score(npz),
                     "command": f"bdmtool sample {ckpt.relative_to(Path(bdmtool.ASSETS).parents[1])} {sample_args} "
                                f"--out samples && " + eval_cmd.format(src=f"bdmtool/assets/{ckpt.name}")}
         return run
@@ -214,9 +214,10 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
         if n not in students:
             log(f"[demo] shipped student {n} not found ({student_path(n)}): build it with "
                 f"`ONLY={n} STAGE=students scripts/make_assets.sh`; skipping it")
+    sha = {n: file_sha256(ckpt) for n, ckpt in students.items()}
     stages = [Stage("fp", {"budget": asdict(b)}, fp_stage)]
     for n, ckpt in students.items():
-        stages.append(Stage(f"student_{n}", {"budget": asdict(b), "sha256": file_sha256(ckpt)},
+        stages.append(Stage(f"student_{n}", {"budget": asdict(b), "sha256": sha[n]},
                             student_stage(n, ckpt)))
     for method, abits, label in QAT_RUNS:
         stages.append(Stage(f"qat_{method}_w1a{abits}", {"budget": asdict(b)}, qat_stage(method, abits, label)))
@@ -226,7 +227,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
 
     exports = [Stage("export_fp", {"budget": asdict(b)}, export_stage(str(EMBEDDED_FP), "fp", "fp"))]
     for n, ckpt in students.items():
-        exports.append(Stage(f"export_{n}", {"budget": asdict(b), "sha256": file_sha256(ckpt)},
+        exports.append(Stage(f"export_{n}", {"budget": asdict(b), "sha256": sha[n]},
                              export_stage(str(ckpt), "lce", n, may_refuse=True)))
     for st in exports:
         result.summaries[st.name] = _run_stage(st, out, log)
@@ -273,7 +274,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                                                    if k.startswith("export_")]}
         result.summaries[name] = _run_stage(Stage(name, params, bench_stage(dev)), out, log)
 
-    result.summaries["ops"] = _ops_summary(list(students))
+    result.summaries["ops"] = _ops_summary({n: result.summaries[f"student_{n}"] for n in students})
     from .report import write_report
 
     write_report(result.out, result.summaries, _environment(), asdict(b))
@@ -281,14 +282,14 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     return result
 
 
-def _ops_summary(students: list[str]) -> dict:
-    """Theoretical size / OPs of each demo model (the accountant on the checkpoints themselves)."""
+def _ops_summary(students: dict[str, dict]) -> dict:
+    """Theoretical size / OPs of each demo model (the accountant on the tiny preset, binarized by each model's
+    method; ``students``: name -> its stage summary)."""
     from bdmtool.tools.ops import account
 
     rows = {"fp": account(preset="tiny", wbits=32, abits=32)}
     for method, abits, _ in QAT_RUNS:
         rows[f"qat_{method}_w1a{abits}"] = account(preset="tiny", wbits=1, abits=abits, method=method)
-    for n in students:
-        spec = read_spec(student_path(n))
-        rows[n] = account(preset="tiny", wbits=1, abits=spec.binarize.abits, method=spec.binarize.method)
+    for n, st in students.items():
+        rows[n] = account(preset="tiny", wbits=1, abits=st["abits"], method=st["method"])
     return {k: {"size_mib": v["size_mib"], "gops": v["ops"] / 1e9} for k, v in rows.items()}

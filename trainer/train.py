@@ -121,7 +121,9 @@ class TrainingDiverged(ValueError):
 
 
 def _non_finite(loss: torch.Tensor, gnorm: torch.Tensor) -> str | None:
-    """Which of the step's loss and gradient norm is NaN/inf (None when both are finite)."""
+    """Which of the step's loss and gradient norm is NaN/inf (None when both are finite; one sync per step)."""
+    if bool(torch.isfinite(loss.detach()) & torch.isfinite(gnorm)):
+        return None
     if not math.isfinite(float(loss.detach())):
         return f"loss ({float(loss.detach())})"
     if not math.isfinite(float(gnorm)):
