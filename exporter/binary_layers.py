@@ -158,9 +158,10 @@ def padding_refusal(binarize: dict | None, a8: str = "int8", a4: str = "bitplane
 
 def _lsq_checks(rec: dict) -> None:
     name = rec["name"]
-    if rec["lsq_mode"] != "learned":
+    if rec["lsq_mode"] not in ("learned", "log"):
         raise NotExportableError(f"{name}: LSQ step '{rec['lsq_mode']}' is computed from each batch at run time; "
-                                 "export needs a learned (constant) step: train with binarize.lsq_step=learned")
+                                 "export needs a learned (constant) step: train with binarize.lsq_step=log "
+                                 "(the default) or learned")
     if rec["act_scale"] != "none" or rec["output_scale"] or rec["post"] != "none" or rec["shortcut"] != "none":
         raise NotExportableError(f"{name}: K/Gamma/RPReLU/shortcut extras are only exported for 1-bit activations")
     k, p = rec["kernel"], rec["padding"]

@@ -144,19 +144,31 @@ class UNetBuilder:
         return mixed
 
     def dc_bypass(self, eps, x, t):
-        """bdmtool's float DC path (``binarize.dc_bypass``): eps + g[t * buckets // T] * mean_hw(x)."""
+        """bdmtool's float DC path (``binarize.dc_bypass``, see trainer.binarize.DCBypass): per timestep bucket,
+        eps + g * mean_hw(x) (gain) or eps - h * mean_hw(eps) + g * mean_hw(x) + c (affine)."""
         b = self.meta["spec"].get("binarize") or {}
-        if b.get("dc_bypass", "none") == "none":
+        mode = b.get("dc_bypass", "none")
+        if mode == "none":
             return eps
         buckets, T = b["dc_bypass_buckets"], self.meta["spec"]["diffusion"]["timesteps"]
-        gains = (self.w.get("dc_bypass.gain_raw", (buckets,)) * b["dc_bypass_lr_scale"]).astype(np.float32)
-        self.float_layers["dc_bypass"] = "float MEAN over H, W, GATHER of the timestep gain, MUL, ADD"
 
-        def add(z, gains=gains, buckets=buckets, T=T):
+        def table(key):
+            return (self.w.get(f"dc_bypass.{key}", (buckets,)) * b["dc_bypass_lr_scale"]).astype(np.float32)
+
+        tabs = [table("gain_raw")] + ([table("remove_raw"), table("offset_raw")] if mode == "timestep_affine" else [])
+        self.float_layers["dc_bypass"] = (
+            "float MEAN over H, W, GATHER of the timestep gain, MUL, ADD" if len(tabs) == 1
+            else "float MEANs over H, W, GATHERs of the timestep tables, MUL, SUB, ADD")
+
+        def add(z, tabs=tabs, buckets=buckets, T=T):
             e_, x_, t_ = z
-            g = tf.reshape(tf.gather(tf.constant(gains), tf.reshape(timestep_bucket(t_, buckets, T), [-1])),
-                           [-1, 1, 1, 1])
-            return e_ + g * tf.reduce_mean(x_, axis=[1, 2], keepdims=True)
+            idx = tf.reshape(timestep_bucket(t_, buckets, T), [-1])
+            g, *rest = [tf.reshape(tf.gather(tf.constant(v), idx), [-1, 1, 1, 1]) for v in tabs]
+            out = e_ + g * tf.reduce_mean(x_, axis=[1, 2], keepdims=True)
+            if rest:
+                h, c = rest
+                out = out - h * tf.reduce_mean(e_, axis=[1, 2], keepdims=True) + c
+            return out
 
         return keras.layers.Lambda(add, name="dc_bypass")([eps, x, t])
 

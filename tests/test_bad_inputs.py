@@ -76,7 +76,9 @@ def w(tmp_path_factory):
         "missing": variant("missing.ckpt", missing_key), "arch": variant("arch.ckpt", other_arch),
         "badspec": variant("badspec.ckpt", bad_spec), "notdict": variant("notdict.ckpt", not_dict),
     }
-    sk = load_checkpoint(student)
+    learned = train(build_train_spec(method="binarydm", teacher=str(fp), steps=1,
+                                     overrides=[*COMMON, "binarize.lsq_step=learned"]), d / "learned", progress=False)
+    sk = load_checkpoint(learned)  # the paper's LSQ: the step itself is the parameter (log mode cannot go <= 0)
     neg = {**sk, "model": dict(sk["model"])}
     k = next(n for n in neg["model"] if n.endswith(".step"))
     neg["model"][k] = -neg["model"][k].abs()
@@ -224,7 +226,7 @@ def _cases():
         ("export-unfinished-progressive", ["export", F("student"), "--out", O("x9")], "--allow-float-layers"),
         ("export-out-under-file", ["export", F("fp"), "--target", "fp", "--out", UNDER_FILE("x")], "a_file"),
         ("export-dorefa-codes", ["export", F("dorefa"), "--out", O("x7")], "DoReFa"),
-        ("export-per-batch-lsq", ["export", F("per_batch"), "--out", O("x8")], "lsq_step=learned"),
+        ("export-per-batch-lsq", ["export", F("per_batch"), "--out", O("x8")], "lsq_step=log"),
         ("export-missing-key", ["export", F("missing"), "--target", "fp", "--out", O("x6")], "conv_out.weight"),
         # --- import
         ("import-garbage-file", ["import", P("garbage.ckpt"), "--out", O("i1.ckpt")], "garbage.ckpt"),

@@ -63,7 +63,7 @@ def test_multibit_layer_pads_quantized_input_with_top_level():
     cfg = BinarizeConfig.from_method("baseline", abits=4)
     layer, conv = _layer(cfg)
     with torch.no_grad():
-        layer.step.fill_(0.25)
+        layer.set_step_(0.25)
     x = torch.randn(2, 8, 6, 6)
     xq = torch.round(torch.clamp(x / 0.25, -8, 7)) * 0.25
     wb = layer.sigma1 * sign(conv.weight)
@@ -77,7 +77,7 @@ def test_multibit_layer_with_zero_padding_pads_quantized_input_with_zero():
     cfg = BinarizeConfig.from_method("baseline", abits=4).replace(act_pad="zero")
     layer, conv = _layer(cfg)
     with torch.no_grad():
-        layer.step.fill_(0.25)
+        layer.set_step_(0.25)
     x = torch.randn(2, 8, 6, 6)
     xq = torch.round(torch.clamp(x / 0.25, -8, 7)) * 0.25
     manual = F.conv2d(F.pad(xq, (1, 1, 1, 1), value=0.0), layer.sigma1 * sign(conv.weight), conv.bias)
@@ -106,6 +106,54 @@ def test_dc_bypass_adds_the_gain_times_the_image_mean_and_learns():
     assert model.dc_bypass.gain_raw.grad[19] != 0 and model.dc_bypass.gain_raw.grad[5] == 0
 
 
+def test_affine_dc_bypass_replaces_the_image_mean_and_starts_as_the_plain_student():
+    """binarize.dc_bypass=timestep_affine: eps - h[b] mean_hw(eps) + g[b] mean_hw(x) + c[b]; all tables start at 0
+    (the plain binarized output), and h = 1 removes the network's own image mean exactly."""
+    plain = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(dc_bypass="none"))
+    model = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(
+        dc_bypass="timestep_affine", dc_bypass_buckets=10))
+    model.load_state_dict(plain.state_dict(), strict=False)
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0.0, 450.0, 999.0])
+    base = plain(x, t)
+    assert torch.equal(model(x, t), base)
+    s = model.dc_bypass.lr_scale
+    with torch.no_grad():
+        model.dc_bypass.remove_raw.fill_(1.0 / s)
+        model.dc_bypass.gain_raw.copy_(torch.arange(10.0) / s)  # g = bucket index
+        model.dc_bypass.offset_raw.fill_(0.5 / s)
+    got = model(x, t)
+    g = torch.tensor([0.0, 4.0, 9.0]).reshape(3, 1, 1, 1)
+    want = base - base.mean(dim=(2, 3), keepdim=True) + g * x.mean(dim=(2, 3), keepdim=True) + 0.5
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got.mean(dim=(2, 3), keepdim=True), g * x.mean(dim=(2, 3), keepdim=True) + 0.5, atol=1e-5)
+    model(x, t).square().mean().backward()
+    tabs = model.dc_bypass
+    assert all(p.grad[9] != 0 and p.grad[1] == 0 for p in (tabs.gain_raw, tabs.remove_raw, tabs.offset_raw))
+
+
+def test_log_lsq_step_computes_the_same_layer_and_stays_positive():
+    """binarize.lsq_step=log: the parameter is log(step); the layer equals the learned-step layer at the same step,
+    the deployed step is exp(log_step), and steps that Adam would drive through zero stay positive."""
+    lin, _ = _layer(BinarizeConfig.from_method("baseline", abits=4).replace(lsq_step="learned"))
+    log, _ = _layer(BinarizeConfig.from_method("baseline", abits=4).replace(lsq_step="log"))
+    assert log.step is None and lin.log_step is None
+    for m in (lin, log):
+        m.set_step_(0.03)
+    assert torch.allclose(log.log_step, torch.tensor(0.03).log())
+    assert torch.allclose(log.learned_step(), lin.learned_step())
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.allclose(lin(x), log(x), atol=1e-6)
+    # A loss that wants smaller steps (LSQ's step gradient outside the clamp is Qp or Qn): Adam at lr 1e-2
+    # moves the raw step by ~0.01 per iteration and crosses zero within a few steps; the log step cannot.
+    for m in (lin, log):
+        opt = torch.optim.Adam([p for n, p in m.named_parameters() if "step" in n], lr=1e-2)
+        for _ in range(20):
+            opt.zero_grad()
+            m.learned_step().backward()  # d(step) > 0: the optimizer shrinks it
+            opt.step()
+    assert lin.learned_step().item() < 0 < log.learned_step().item()
+
+
 def test_linear_is_a_one_by_one_binary_conv():
     cfg = BinarizeConfig.from_method("xnor")
     lin = torch.nn.Linear(12, 5)
@@ -119,7 +167,7 @@ def test_ebb_stage_switch_changes_output_only_by_the_sigma2_term():
     cfg = BinarizeConfig.from_method("binarydm", abits=4).replace(progressive="none")
     layer, conv = _layer(cfg, ebb=True)
     with torch.no_grad():
-        layer.step.fill_(0.2)
+        layer.set_step_(0.2)
     assert layer.sigma2 is not None and bool(layer.second_basis)
     x = torch.randn(2, 8, 6, 6)
     y1 = layer(x)

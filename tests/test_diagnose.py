@@ -50,7 +50,7 @@ def test_report_of_a_zero_predictor():
 def test_diagnose_command_on_a_teacher_and_two_students(tmp_path):
     fp = train(build_train_spec("tiny", "digits", 4, [*MICRO_UNET, *COMMON]), tmp_path / "fp", progress=False)
     ckpts = []
-    for arm, extra in (("plain", []), ("bypass", ["binarize.dc_bypass=timestep_gain"])):
+    for arm, extra in (("plain", ["binarize.dc_bypass=none"]), ("bypass", ["binarize.dc_bypass=timestep_affine"])):
         spec = build_train_spec(method="baseline", abits=4, teacher=str(fp), steps=3, overrides=[*COMMON, *extra])
         ckpts.append(str(train(spec, tmp_path / arm, progress=False)))
     r = subprocess.run([*bdmtool_cmd(), "diagnose", *ckpts, "--n", "16", "--timesteps", "100,600,950",

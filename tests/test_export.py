@@ -105,17 +105,20 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
             assert r.output.strip().splitlines()[-1].startswith("Error:") and "truncated or damaged" in r.output
 
 
-def test_dc_bypass_exports_as_float_ops_with_parity(tmp_path, teacher):
-    """binarize.dc_bypass: eps + g[t * buckets // T] * mean_hw(x) becomes builtin MEAN/GATHER/MUL/ADD in the
-    .tflite. On a W1A32 student (no activation quantizer, so no level flips) every stage matches to 1e-4, with
-    gains trained away from 0 so that the path is seen."""
+@pytest.mark.parametrize("mode", ["timestep_gain", "timestep_affine"])
+def test_dc_bypass_exports_as_float_ops_with_parity(tmp_path, teacher, mode):
+    """binarize.dc_bypass: eps + g[b(t)] mean_hw(x) (and - h[b(t)] mean_hw(eps) + c[b(t)] in affine mode) becomes
+    builtin MEAN/GATHER/MUL/ADD in the .tflite. On a W1A32 student (no activation quantizer, so no level flips)
+    every stage matches to 1e-4, with the tables trained away from 0 so that the path is seen."""
     from bdmtool.tools.export import export_checkpoint
     from bdmtool.trainer.train import load_model
 
-    ckpt = _qat(teacher, tmp_path, "baseline", 32, extra=["binarize.dc_bypass=timestep_gain", "train.lr=1e-3",
+    ckpt = _qat(teacher, tmp_path, "baseline", 32, extra=[f"binarize.dc_bypass={mode}", "train.lr=1e-3",
                                                           "binarize.dc_bypass_lr_scale=1000"])
-    gains = load_model(ckpt)[0].dc_bypass.gains()
-    assert gains.abs().max() > 3e-2  # x_t means of ~0.05 then move eps by > 1e-3, far above the 1e-4 gate
+    tables = load_model(ckpt)[0].dc_bypass.tables()
+    assert tables["gain"].abs().max() > 3e-2  # x_t means of ~0.05 then move eps by > 1e-3, far above the 1e-4 gate
+    if mode == "timestep_affine":
+        assert tables["remove"].abs().max() > 3e-2 and tables["offset"].abs().max() > 1e-3
     res = export_checkpoint(ckpt, tmp_path / "e", log=lambda s: None)
     assert res.report["float_layers"]["dc_bypass"].startswith("float MEAN")
     assert "GATHER" in res.report["ops"] and not res.report.get("fallbacks")

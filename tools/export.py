@@ -61,9 +61,10 @@ def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_f
         raise NotExportableError(f"{ckpt}: its 1-bit activation quantizer {b.act!r} has no LCE binary form (it is "
                                  "not a +-1 sign; DoReFa's {0,1} codes would run as float ops); train with a sign "
                                  "activation (e.g. --method xnor) to export to LCE, or export --target fp")
-    if b.abits in (4, 8) and b.act == "lsq" and b.lsq_step != "learned":
+    if b.abits in (4, 8) and b.act == "lsq" and b.lsq_step == "per_batch":
         raise NotExportableError(f"{ckpt}: LSQ step {b.lsq_step!r} is computed from each batch at run time; export "
-                                 "needs a learned (constant) step: train with --set binarize.lsq_step=learned")
+                                 "needs a learned (constant) step: train with --set binarize.lsq_step=log (the "
+                                 "default) or learned")
     if why := padding_refusal(b.to_dict(), a8, a4):
         raise NotExportableError(why)
     w = inference_weights(ck)
@@ -72,7 +73,8 @@ def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_f
         raise NotExportableError(
             f"{ckpt}: {len(bad_steps)} layers have a non-positive learned LSQ step ({bad_steps[0][0]}: "
             f"{bad_steps[0][1]:.3g}, ...): the trained quantizer is degenerate there and no int8/bit-plane kernel "
-            "reproduces it; retrain (a smaller train.lr keeps the steps positive) - see docs/methods.md")
+            "reproduces it; retrain with --set binarize.lsq_step=log (the default: steps stay positive), "
+            "see docs/methods.md")
     layers = sorted({k.rsplit(".", 1)[0] for k in w if k.endswith(".active")})
     floating = [n for n in layers if not bool(w[f"{n}.active"])]
     two = [n for n in layers if b.abits == 1 and bool(w.get(f"{n}.second_basis", False)) and f"{n}.sigma2" in w]

@@ -97,7 +97,11 @@ class BinaryConv2d(nn.Module):
         # Activation quantizer parameters.
         self.act_fn = get_act_quantizer(cfg.act)
         self.threshold = nn.Parameter(torch.zeros(1, self.in_channels, 1, 1)) if cfg.act == "rsign" else None
-        self.step = nn.Parameter(torch.tensor(1.0)) if cfg.act == "lsq" else None  # set by calibrate_()
+        # LSQ step, set by calibrate_(): learned as is ("learned", the paper) or as its log ("log", bdmtool: it
+        # stays positive; Adam moves a raw step by ~lr per iteration, which drove steps of ~0.01 negative).
+        self.uses_lsq = cfg.act == "lsq"
+        self.step = nn.Parameter(torch.tensor(1.0)) if self.uses_lsq and cfg.lsq_step != "log" else None
+        self.log_step = nn.Parameter(torch.tensor(0.0)) if self.uses_lsq and cfg.lsq_step == "log" else None
 
         # XNOR / TBS activation scale K = k_conv(mean_c |x|) (convolutions only, as in the official code).
         self.k_conv = None
@@ -155,13 +159,27 @@ class BinaryConv2d(nn.Module):
             return self.weight_fn(w, o=self.reste_o)
         return self.weight_fn(w)
 
+    def learned_step(self) -> torch.Tensor:
+        """The LSQ step the deployed layer uses: a learned constant, exp(lsq_log_lr_scale * log_step) in log mode
+        (the scale makes Adam move log(step) that many times faster than the weights)."""
+        if self.log_step is not None:
+            return (self.log_step * self.cfg.lsq_log_lr_scale).exp()
+        return self.step
+
+    @torch.no_grad()
+    def set_step_(self, value: float) -> None:
+        if self.log_step is not None:
+            self.log_step.fill_(math.log(value) / self.cfg.lsq_log_lr_scale)
+        else:
+            self.step.fill_(value)
+
     def _lsq_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.lsq_step == "per_batch":  # official BinaryDM: step = 2 mean|x| / sqrt(Qp) of this batch
             return (2.0 * x.abs().mean() / math.sqrt(2 ** (self.cfg.abits - 1) - 1)).detach()
-        return self.step
+        return self.learned_step()
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.step is not None:
+        if self.uses_lsq:
             return self.act_fn(x, self._lsq_step(x), self.cfg.abits)
         if self.threshold is not None:
             return self.act_fn(x, self.threshold)
@@ -182,7 +200,7 @@ class BinaryConv2d(nn.Module):
             return torch.full((x.shape[0],), float("inf"))
         if self.is_linear:
             x = x[:, :, None, None]
-        if self.step is not None:
+        if self.uses_lsq:
             s = self._lsq_step(x)
             v = x / s
             qn, qp = -(2 ** (self.cfg.abits - 1)), 2 ** (self.cfg.abits - 1) - 1
@@ -246,31 +264,50 @@ def timestep_bucket(t: torch.Tensor, buckets: int, timesteps: int) -> torch.Tens
 
 
 class DCBypass(nn.Module):
-    """Float path for the image mean: ``eps += g[bucket(t)] * mean_hw(x_t)`` per channel (bdmtool).
+    """Float path for the image mean (bdmtool), per channel, with per-timestep-bucket parameters:
+
+    - ``timestep_gain``:   eps + g[b(t)] * mean_hw(x_t)
+    - ``timestep_affine``: eps - h[b(t)] * mean_hw(eps) + g[b(t)] * mean_hw(x_t) + c[b(t)]
+      (h = 1 replaces the network's own image mean by a float affine function of the input's mean).
 
     A binary U-Net quantizes away the per-image mean of x_t (about 1/32 of a pixel's noise, far below one
     activation level), yet at high t the mean of the noise is almost exactly the mean of x_t, and DDIM
-    multiplies an error in it by sqrt((1 - abar) / abar) ~ 100. ``g`` is learned per timestep bucket,
-    from 0 (the student starts as the plain binarized teacher); it is stored as ``gain_raw`` with
-    g = ``lr_scale`` * gain_raw so that Adam moves it ``lr_scale`` times faster than the weights. It runs
-    as a forward hook on the whole U-Net, which itself stays unaware of it; the exporter adds a MEAN, a
-    GATHER, a MUL and an ADD.
+    multiplies an error in it by sqrt((1 - abar) / abar) ~ 100. Every parameter starts at 0 (the student
+    starts as the plain binarized teacher) and is stored raw with value = ``lr_scale`` * raw so that Adam
+    moves it ``lr_scale`` times faster than the weights. It runs as a forward hook on the whole U-Net, which
+    stays unaware of it; the exporter writes it with MEAN, GATHER, MUL, ADD (and SUB).
     """
 
-    def __init__(self, buckets: int, timesteps: int, lr_scale: float):
+    def __init__(self, buckets: int, timesteps: int, lr_scale: float, mode: str = "timestep_gain"):
         super().__init__()
-        self.buckets, self.timesteps, self.lr_scale = buckets, timesteps, lr_scale
+        self.buckets, self.timesteps, self.lr_scale, self.mode = buckets, timesteps, lr_scale, mode
         self.gain_raw = nn.Parameter(torch.zeros(buckets))
+        self.remove_raw = nn.Parameter(torch.zeros(buckets)) if mode == "timestep_affine" else None
+        self.offset_raw = nn.Parameter(torch.zeros(buckets)) if mode == "timestep_affine" else None
 
     def gains(self) -> torch.Tensor:
         return self.gain_raw * self.lr_scale
+
+    def tables(self) -> dict[str, torch.Tensor]:
+        """{"gain", "remove", "offset"} per bucket (remove/offset are 0 in gain mode)."""
+        z = torch.zeros_like(self.gain_raw)
+        return {"gain": self.gains(),
+                "remove": z if self.remove_raw is None else self.remove_raw * self.lr_scale,
+                "offset": z if self.offset_raw is None else self.offset_raw * self.lr_scale}
 
     def hook(self, module: nn.Module, args: tuple, eps: torch.Tensor) -> torch.Tensor:
         x, t = args[0], args[1]
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        g = self.gains()[timestep_bucket(t, self.buckets, self.timesteps)].reshape(-1, 1, 1, 1)
-        return eps + g * x.mean(dim=(2, 3), keepdim=True)
+        idx = timestep_bucket(t, self.buckets, self.timesteps)
+
+        def at(raw):
+            return (raw * self.lr_scale)[idx].reshape(-1, 1, 1, 1)
+
+        out = eps + at(self.gain_raw) * x.mean(dim=(2, 3), keepdim=True)
+        if self.remove_raw is not None:
+            out = out - at(self.remove_raw) * eps.mean(dim=(2, 3), keepdim=True) + at(self.offset_raw)
+        return out
 
 
 class TimestepCache(nn.Module):
@@ -354,8 +391,8 @@ def binarize_(model: nn.Module, cfg: BinarizeConfig, example_input: tuple[torch.
         for i, site in enumerate(sites):
             model.get_submodule(site).register_forward_hook(cache.hook(i))
         model.register_forward_pre_hook(lambda mod, args: setattr(cache, "t", args[1]))
-    if cfg.dc_bypass == "timestep_gain":
-        model.dc_bypass = DCBypass(cfg.dc_bypass_buckets, timesteps, cfg.dc_bypass_lr_scale)
+    if cfg.dc_bypass != "none":
+        model.dc_bypass = DCBypass(cfg.dc_bypass_buckets, timesteps, cfg.dc_bypass_lr_scale, cfg.dc_bypass)
         model.register_forward_hook(model.dc_bypass.hook)  # a bound method: deep copies follow the module
     return model
 
@@ -381,12 +418,12 @@ def reset_state(model: nn.Module) -> None:
 @torch.no_grad()
 def calibrate_(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
     """Data-dependent initialisation, run once before QAT: LSQ step = 2 mean|x| / sqrt(Qp) per layer (LSQ init)."""
-    layers = [m for m in binary_layers(model) if m.step is not None]
+    layers = [m for m in binary_layers(model) if m.uses_lsq]
     hooks = []
     for m in layers:
         def pre(mod, inp):
             qp = 2 ** (mod.cfg.abits - 1) - 1
-            mod.step.fill_(max(2.0 * float(inp[0].abs().mean()) / math.sqrt(qp), 1e-8))
+            mod.set_step_(max(2.0 * float(inp[0].abs().mean()) / math.sqrt(qp), 1e-8))
         hooks.append(m.register_forward_pre_hook(pre))
     try:
         reset_state(model)

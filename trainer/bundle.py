@@ -32,7 +32,7 @@ def _layer_record(m: BinaryConv2d) -> dict:
             "kernel": m.kernel_size, "stride": m.stride, "padding": m.padding, "abits": m.cfg.abits,
             "act": m.cfg.act, "weight": m.weight_fn.registry_name, "active": bool(m.active),
             "two_bases": m.sigma2 is not None and bool(m.second_basis), "bias": m.bias is not None,
-            "threshold": m.threshold is not None, "lsq_step": m.step is not None,
+            "threshold": m.threshold is not None, "lsq_step": m.uses_lsq,
             "lsq_mode": m.cfg.lsq_step, "act_pad": m.cfg.act_pad, "act_scale": m.cfg.act_scale if m.k_conv is not None else "none",
             "output_scale": m.gamma_o is not None, "post": m.cfg.post if m.post is not None else "none",
             "shortcut": m.shortcut_kind, "shortcut_conv": m.shortcut_conv is not None}
@@ -53,6 +53,8 @@ def _deployable(m: BinaryConv2d) -> dict[str, np.ndarray]:
         wb = m.binary_weight()
         mag = wb.abs().amax(dim=(1, 2, 3))
         out["sign1"], out["scale1"] = sign(wb), mag
+    if m.uses_lsq and m.cfg.lsq_step != "per_batch":
+        out["step"] = m.learned_step().reshape(())  # the deployed constant (exp(log_step) in log mode)
     return {k: (v.to(torch.int8) if k.startswith("sign") else v.float()).cpu().numpy() for k, v in out.items()}
 
 

@@ -178,12 +178,17 @@ class BinarizeConfig(Config):
     cache_buckets: int = 100  # learnable alpha per timestep bucket t // (T / buckets)
     cache_delta: int = 20  # training draws the cache at t + delta (= the sampler's stride)
     reste_o_end: float = 3.0  # ReSTE annealing o: 1 -> o_end over training
-    lsq_step: Literal["learned", "per_batch"] = "learned"  # per_batch: the official code's re-init every forward
+    # learned: LSQ's step as a parameter (the paper); log: its log is the parameter (bdmtool, stays positive);
+    # per_batch: the official code's re-init every forward (not exportable).
+    lsq_step: Literal["learned", "log", "per_batch"] = "learned"
+    lsq_log_lr_scale: float = 1.0  # log mode: step = exp(scale * log_step), i.e. log(step) learns scale x faster
     # Border of multi-bit activations: "top" = the top LSQ level Qp*step (what bit-plane export needs),
     # "zero" = zero padding (exact on the int8 path, zero point 0; half the initial error of "top").
     act_pad: Literal["top", "zero"] = "top"
-    # Float path for the image mean (bdmtool, not in the papers): eps += g[bucket(t)] * mean_hw(x_t).
-    dc_bypass: Literal["none", "timestep_gain"] = "none"
+    # Float path for the image mean (bdmtool, not in the papers), see binarize.DCBypass:
+    # timestep_gain: eps + g[b(t)] mean_hw(x_t);
+    # timestep_affine: eps - h[b(t)] mean_hw(eps) + g[b(t)] mean_hw(x_t) + c[b(t)].
+    dc_bypass: Literal["none", "timestep_gain", "timestep_affine"] = "none"
     dc_bypass_buckets: int = 20  # gains per t // (T / buckets)
     dc_bypass_lr_scale: float = 100.0  # g = lr_scale * g_raw: the gains learn lr_scale times faster under Adam
 
@@ -204,6 +209,7 @@ class BinarizeConfig(Config):
         check(self.cache_buckets >= 1 and self.cache_delta >= 1, "binarize.cache_buckets/cache_delta must be >= 1")
         check(self.dc_bypass_buckets >= 1, "binarize.dc_bypass_buckets must be >= 1")
         check(self.dc_bypass_lr_scale > 0, "binarize.dc_bypass_lr_scale must be > 0")
+        check(self.lsq_log_lr_scale > 0, "binarize.lsq_log_lr_scale must be > 0")
 
     @property
     def may_leave_parameters_unused(self) -> bool:
@@ -218,9 +224,10 @@ class BinarizeConfig(Config):
         if abits is not None and abits != cfg.abits:
             act = {1: cfg.act if cfg.abits == 1 else "ste_sign", 32: "identity"}.get(abits, "lsq")
             cfg = cfg.replace(abits=abits, act=act, act_scale=cfg.act_scale if abits == 1 else "none")
-        # bdmtool's float DC path for every method (docs/methods.md, "Students that draw");
-        # --set binarize.dc_bypass=none is the papers' recipe.
-        return cfg.replace(dc_bypass="timestep_gain")
+        # bdmtool's float DC path for every method and LSQ steps learned in log space (docs/methods.md, "Students
+        # that draw", "LSQ steps and the DC path"); --set binarize.dc_bypass=none --set binarize.lsq_step=learned
+        # is the papers' recipe.
+        return cfg.replace(dc_bypass="timestep_affine", lsq_step="log" if cfg.act == "lsq" else cfg.lsq_step)
 
 
 _BIDM_FP = ("conv_in", "conv_out", "temb.dense.*", "*.nin_shortcut")
