@@ -153,6 +153,47 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, ben
 
 
 @cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default="replication", show_default=True)
+@click.option("--tables", default="all", show_default=True,
+              help="Comma-separated: binarydm_t1, binarydm_t7, bidm_t1, bidm_ablation (or all).")
+@click.option("--budget", type=float, default=1.0, show_default=True,
+              help="Scale QAT steps (600) and samples per run (1,000).")
+@click.option("--steps", type=int, default=None, help="QAT steps per run [default: 600 x budget].")
+@click.option("--n", type=int, default=None, help="Samples per run for FID [default: 1,000 x budget].")
+@click.option("--ref-limit", type=int, default=None, help="MNIST-5k reference images [default: all 5,000].")
+@click.option("--seeds", type=int, default=None, help="Training seeds of the headline pairs [default: 3].")
+@click.option("--teacher", type=click.Path(dir_okay=False), default=str(DEFAULT_CKPT), show_default=True)
+@click.option("--sample-steps", type=int, default=None, help="DDIM steps when sampling [default: 50].")
+@click.option("--only", default="", help="Comma-separated run keys: only these rows of the tables (a partial "
+              "report, e.g. one pair).")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Runs side by side, each on cores/jobs threads (2 on a 2-core machine: one thread each).")
+@_friendly
+def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, only, teacher, jobs):
+    """Train and score the papers' tables (BinaryDM T1/T7, BiDM T1/ablation) from one teacher; OUT/report.md.
+
+    Every run is a resumable `bdmtool train` folder under OUT/runs/; re-running reuses finished runs and scores."""
+    import dataclasses
+
+    from bdmtool.trainer.replication import TABLES, ReplicationBudget, environment, run_replication, write_report
+
+    chosen = tuple(TABLES) if tables == "all" else tuple(t.strip() for t in tables.split(",") if t.strip())
+    b = ReplicationBudget().scaled(budget)
+    flags = {"--steps": steps, "--n": n, "--ref-limit": ref_limit, "--seeds": seeds, "--sample-steps": sample_steps}
+    for flag, v in flags.items():
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    given = {"steps": steps, "n_samples": n, "n_reference": ref_limit, "seeds": seeds, "sample_steps": sample_steps}
+    b = dataclasses.replace(b, **{k: v for k, v in given.items() if v is not None})
+    if b.n_reference > 5000:
+        raise ValueError(f"--ref-limit must be <= 5000 (MNIST-5k), got {b.n_reference}")
+    keys = tuple(k.strip() for k in only.split(",") if k.strip())
+    scores = run_replication(out, chosen, b, teacher, jobs=jobs, only=keys, log=click.echo)
+    md, js = write_report(out, scores, chosen, b, teacher, environment(jobs))
+    click.echo(f"[replicate] wrote {md} and {js}")
+
+
+@cli.command()
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
 @click.option("--target", type=click.Choice(["lce", "fp", "keras-fp", "convs"]), default="lce", show_default=True,
               help="lce: Keras/Larq rebuild -> LCE .tflite with binary kernels; fp: the FP model (or a binarized "

@@ -1,0 +1,75 @@
+"""`bdmtool replicate` end to end at a minimal budget: two configurations over two seeds from a micro teacher;
+the report's numbers are the runs' own metrics, the orderings follow from them, a re-run reuses everything."""
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import MICRO_UNET, bdmtool_cmd
+from bdmtool.trainer.replication import ARMS, TABLES, arms_for
+from bdmtool.trainer.spec import build_train_spec
+from bdmtool.trainer.train import train
+
+COMMON = ["data.limit=32", "train.batch_size=4", "train.threads=1"]
+
+
+def test_every_table_names_known_arms_and_each_claim_compares_two_of_its_rows():
+    for t in TABLES.values():
+        keys = [k for k, _ in t.rows]
+        assert all(k in ARMS for k in keys)
+        assert all(c.better in keys and c.worse in keys for c in t.claims), t.key
+    arms = arms_for(tuple(TABLES), seeds=3)
+    assert len({a.key for a in arms}) == len(arms)  # shared rows (BinaryDM W1A4, BiDM) are trained once
+    assert {a.key for a in arms if a.seed == 2} == {"binarydm_w1a4_seed2", "baseline_w1a4_seed2", "bidm_w1a1_seed2",
+                                                     "xnor_w1a1_seed2"}
+    with pytest.raises(ValueError, match="unknown table"):
+        arms_for(("nope",), 1)
+
+
+def _run(args, timeout=900):
+    return subprocess.run([*bdmtool_cmd(), "replicate", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_replicate_two_configurations_report_matches_the_runs_and_reruns_reuse(tmp_path):
+    fp = train(build_train_spec("tiny", "digits", 2, [*MICRO_UNET, *COMMON]), tmp_path / "fp", progress=False)
+    out = tmp_path / "rep"
+    args = ["--out", str(out), "--tables", "binarydm_t1", "--only", "baseline_w1a4,binarydm_w1a4", "--steps", "2",
+            "--n", "8", "--ref-limit", "20", "--seeds", "2", "--sample-steps", "3", "--teacher", str(fp)]
+    r = _run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    keys = ["baseline_w1a4", "binarydm_w1a4", "baseline_w1a4_seed1", "binarydm_w1a4_seed1"]
+    assert sorted(rep["runs"]) == sorted(keys)
+    scores = {k: json.loads((out / "runs" / k / "score.json").read_text()) for k in keys}
+    for k in keys:  # every run is a normal, resumable training folder with its own samples
+        assert (out / "runs" / k / "model.ckpt").is_file() and (out / "runs" / k / "metrics.jsonl").is_file()
+        assert rep["runs"][k]["metrics"] == scores[k]["metrics"]
+        assert (out / scores[k]["grid"]).is_file() and scores[k]["n_samples"] == 8
+    assert scores["binarydm_w1a4_seed1"]["params"]["arm"]["seed"] == 1
+    (table,) = rep["tables"]
+    rows = {r["key"]: r for r in table["rows"]}
+    for k in ("baseline_w1a4", "binarydm_w1a4"):
+        fids = [scores[k]["metrics"]["fid"], scores[f"{k}_seed1"]["metrics"]["fid"]]
+        assert rows[k]["fids"] == fids and rows[k]["fid"] == pytest.approx(sum(fids) / 2)
+        assert rows[k]["fid_spread"] == pytest.approx(abs(fids[0] - fids[1]) / 2) and rows[k]["seeds"] == 2
+    assert rows["binarydm_w1a4"]["paper_fid"] == 87.77 and rows["baseline_w1a4"]["paper_fid"] == 100.17
+    (claim,) = table["claims"]  # only the W1A4 ordering has both of its rows here
+    assert claim["holds"] == (rows["binarydm_w1a4"]["fid"] < rows["baseline_w1a4"]["fid"])
+    md = (out / "report.md").read_text()
+    assert "BinaryDM W1A4 < Baseline W1A4" in md and ("✔" in md or "✘" in md)
+    assert f"{rows['binarydm_w1a4']['fid']:.2f}" in md
+
+    again = _run(args)
+    assert again.returncode == 0 and again.stdout.count("(reused)") == 4, again.stdout[-2000:]
+    assert json.loads((out / "report.json").read_text())["tables"] == rep["tables"]
+
+
+def test_replicate_bad_arguments_are_one_line_errors(tmp_path):
+    for args, words in ((["--tables", "nope"], "unknown table"), (["--only", "xnor_w1a1"], "is not a run of"),
+                        (["--teacher", str(tmp_path / "missing.ckpt")], "not found"), (["--jobs", "0"], "--jobs"),
+                        (["--n", "0"], "--n must be >= 1")):
+        r = _run(["--out", str(tmp_path / "o"), "--tables", "binarydm_t1", *args] if "--tables" not in args
+                 else ["--out", str(tmp_path / "o"), *args], timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
+        assert r.stderr.strip().splitlines()[-1].startswith("Error:") and words in r.stderr, (args, r.stderr)

@@ -1,0 +1,95 @@
+"""The replication report: each table with the paper's FID beside ours, and a ✔/✘ per claimed ordering.
+
+Arms trained over several seeds (the headline pairs) show mean ± half the range; their claim is ✔ only when
+the mean agrees with the paper, and the report says on how many seeds each ordering held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from statistics import mean
+
+from bdmtool.files import atomic_write
+
+from .run import ReplicationBudget
+from .tables import TABLES
+
+
+def _seeds(key: str, scores: dict[str, dict]) -> list[dict]:
+    """The score of ``key`` and of its extra-seed runs (``<key>_seed<k>``), seed 0 first."""
+    return [scores[k] for k in [key] + sorted(k for k in scores if k.startswith(f"{key}_seed"))]
+
+
+def _fid(key: str, scores: dict[str, dict]) -> tuple[float, float, int]:
+    """(mean FID, half range, number of seeds)."""
+    f = [r["metrics"]["fid"] for r in _seeds(key, scores)]
+    return mean(f), (max(f) - min(f)) / 2, len(f)
+
+
+def summarize(scores: dict[str, dict], tables: tuple[str, ...]) -> dict:
+    """{"tables": [{key, title, source, rows: [...], claims: [...]}]} from the arms' score records."""
+    out = []
+    for tkey in tables:
+        t = TABLES[tkey]
+        rows = []
+        for key, paper in [(k, p) for k, p in t.rows if k in scores]:  # rows not run (--only) are left out
+            f, spread, n = _fid(key, scores)
+            runs = _seeds(key, scores)
+            avg = {m: mean(r["metrics"][m] for r in runs) for m in ("sfid", "precision", "recall")}
+            rows.append({"key": key, "label": runs[0]["label"], "paper_fid": paper, "fid": f, "fid_spread": spread,
+                         "seeds": n, **avg, "final_loss": runs[0]["final_loss"], "grid": runs[0]["grid"],
+                         "fids": [r["metrics"]["fid"] for r in runs]})
+        claims = []
+        for c in [c for c in t.claims if c.better in scores and c.worse in scores]:
+            fb, _, nb = _fid(c.better, scores)
+            fw, _, nw = _fid(c.worse, scores)
+            pairs = list(zip([r["metrics"]["fid"] for r in _seeds(c.better, scores)],
+                             [r["metrics"]["fid"] for r in _seeds(c.worse, scores)]))
+            claims.append({"claim": c.text, "better": c.better, "worse": c.worse, "fid_better": fb, "fid_worse": fw,
+                           "holds": fb < fw, "seeds_holding": sum(a < b for a, b in pairs), "seeds": len(pairs)})
+        out.append({"key": tkey, "title": t.title, "source": t.source, "rows": rows, "claims": claims})
+    return {"tables": out}
+
+
+def _f(v, fmt=".2f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, environment: dict) -> str:
+    b = budget
+    lines = ["# Mini-replication of BinaryDM and BiDM", "",
+             f"Every run: {b.steps} QAT steps × batch {b.batch_size} from `{teacher}`, lr {b.lr:g} (cosine, "
+             f"{b.warmup_steps} warm-up steps), bdmtool's defaults of each method (docs/methods.md). Scores: "
+             f"{b.n_samples} DDIM-{b.sample_steps} samples (seed {b.sample_seed}, x0 clipping) vs {b.n_reference} "
+             "images of the teacher's training data (MNIST-5k for the embedded teacher). The papers' FIDs are on "
+             "other datasets and models: compare orderings, not values.",
+             "", f"Environment: {json.dumps(environment)}", ""]
+    for t in summary["tables"]:
+        lines += [f"## {t['title']}", "", f"Paper numbers: {t['source']}.", "",
+                  "| run | paper FID | FID (ours) | sFID | precision | recall | final loss | seeds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in t["rows"]:
+            fid = _f(r["fid"]) + (f" ± {r['fid_spread']:.2f}" if r["seeds"] > 1 else "")
+            lines.append(f"| [{r['label']}]({r['grid']}) | {_f(r['paper_fid'])} | {fid} | {_f(r['sfid'])} | "
+                         f"{_f(r['precision'])} | {_f(r['recall'])} | {_f(r['final_loss'], '.4f')} | {r['seeds']} |")
+        lines += ["", "| claimed ordering | FID (ours) | holds |", "|---|---|:-:|"]
+        for c in t["claims"]:
+            seeds = f" ({c['seeds_holding']}/{c['seeds']} seeds)" if c["seeds"] > 1 else ""
+            lines.append(f"| {c['claim']} | {c['fid_better']:.2f} vs {c['fid_worse']:.2f} | "
+                         f"{'✔' if c['holds'] else '✘'}{seeds} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out: str | os.PathLike, scores: dict[str, dict], tables: tuple[str, ...],
+                 budget: ReplicationBudget, teacher: str, environment: dict) -> tuple[Path, Path]:
+    summary = summarize(scores, tables)
+    out = Path(out)
+    doc = {"budget": budget.__dict__, "teacher": teacher, "environment": environment, **summary,
+           "runs": {k: {kk: v for kk, v in r.items() if kk not in ("params", "reused")} for k, r in scores.items()}}
+    md, js = out / "report.md", out / "report.json"
+    atomic_write(js, json.dumps(doc, indent=2))
+    atomic_write(md, render_markdown(summary, budget, teacher, environment))
+    return md, js

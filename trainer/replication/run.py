@@ -1,0 +1,167 @@
+"""Train and score every arm of the chosen tables from one FP teacher, with one recipe, resumably.
+
+Each arm is a normal ``bdmtool train`` run folder (``OUT/runs/<key>/``), so an interrupted replication
+continues exactly (``train`` resumes from ``state.ckpt``) and finished runs are reused. Each arm's score
+lands in ``OUT/runs/<key>/score.json`` together with the parameters that produced it (budget, sampler,
+reference); a later call with the same parameters reuses it, a different budget recomputes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bdmtool.files import atomic_write
+
+from .tables import Arm, arms_for
+
+SCORE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReplicationBudget:
+    """The shared recipe (every arm gets exactly this) and what ``--budget k`` scales (steps and N)."""
+
+    steps: int = 600  # QAT steps per arm
+    batch_size: int = 32
+    lr: float = 1e-3  # cosine decay, warm-up below: the shipped students' recipe (docs/methods.md)
+    warmup_steps: int = 50
+    n_samples: int = 1000  # DDIM samples per arm for FID / sFID / precision / recall
+    n_reference: int = 5000  # images of the teacher's data (MNIST-5k) for the reference statistics
+    sample_steps: int = 50
+    sample_seed: int = 0
+    seeds: int = 3  # headline pairs are trained with seeds 0..seeds-1
+
+    def scaled(self, k: float) -> "ReplicationBudget":
+        if k <= 0:
+            raise ValueError(f"--budget must be > 0, got {k}")
+        return ReplicationBudget(max(1, round(self.steps * k)), self.batch_size, self.lr, self.warmup_steps,
+                                 max(8, round(self.n_samples * k)), self.n_reference, self.sample_steps,
+                                 self.sample_seed, self.seeds)
+
+
+def arm_overrides(arm: Arm, b: ReplicationBudget, threads: int) -> list[str]:
+    return [f"train.seed={arm.seed}", f"train.batch_size={b.batch_size}", f"train.lr={b.lr}",
+            "train.lr_decay=cosine", f"train.warmup_steps={min(b.warmup_steps, max(b.steps // 4, 1))}",
+            "train.log_every=25", f"train.ckpt_every={max(min(100, b.steps // 4), 1)}", f"train.threads={threads}",
+            *arm.overrides]
+
+
+def arm_command(arm: Arm, b: ReplicationBudget, teacher: str, threads: int) -> str:
+    """The equivalent CLI command of one arm's training (written into the report)."""
+    if arm.method is None:
+        return f"(the teacher itself: {teacher})"
+    sets = " ".join(f"--set {o}" for o in arm_overrides(arm, b, threads))
+    return (f"bdmtool train --method {arm.method} --abits {arm.abits} --teacher {teacher} --steps {b.steps} "
+            f"--out runs/{arm.key} {sets}")
+
+
+def _score_params(arm: Arm, b: ReplicationBudget, teacher: str) -> dict:
+    return {"version": SCORE_VERSION, "arm": asdict(arm), "steps": b.steps, "batch_size": b.batch_size,
+            "lr": b.lr, "warmup_steps": b.warmup_steps, "n_samples": b.n_samples, "n_reference": b.n_reference,
+            "sample_steps": b.sample_steps, "sample_seed": b.sample_seed, "teacher": teacher}
+
+
+def run_arm(arm: Arm, b: ReplicationBudget, teacher: str, out: str, threads: int, progress: bool = False) -> dict:
+    """Train (or reuse) one arm and score it (or reuse its score); returns the score record."""
+    import torch
+
+    from bdmtool.tools.evaluate import cache_dir
+    from bdmtool.trainer import fid
+    from bdmtool.trainer.data import load_images, load_npz
+    from bdmtool.trainer.metrics import read_metrics
+    from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
+    from bdmtool.trainer.checkpoint import read_spec
+    from bdmtool.trainer.spec import build_train_spec
+    from bdmtool.trainer.train import train
+
+    torch.set_num_threads(threads)
+    folder = Path(out) / "runs" / arm.key
+    score_path = folder / "score.json"
+    params = _score_params(arm, b, teacher)
+    if score_path.is_file():
+        done = json.loads(score_path.read_text())
+        if done.get("params") == json.loads(json.dumps(params)):
+            return {**done, "reused": True}
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if arm.method is None:
+        ckpt, final_loss = Path(teacher), None
+    else:
+        spec = build_train_spec(method=arm.method, abits=arm.abits, teacher=teacher, steps=b.steps,
+                                overrides=arm_overrides(arm, b, threads))
+        ckpt = train(spec, folder, progress=progress)
+        rows = read_metrics(folder / "metrics.jsonl")
+        tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
+        final_loss = sum(tail) / len(tail)
+    train_s = time.perf_counter() - t0
+    opts = SampleOptions(n=b.n_samples, steps=b.sample_steps, seed=b.sample_seed, batch_size=min(b.n_samples, 100))
+    png, npz = sample_checkpoint(ckpt, folder / "samples", opts, progress=progress)
+    data = read_spec(teacher).data  # the teacher's own training images are the reference
+    images = load_images(dataclasses.replace(data, limit=b.n_reference, hflip=False))
+    ref = fid.reference_stats(images, {"reference": data.source, "path": data.path, "resolution": data.resolution,
+                                       "channels": data.channels, "limit": b.n_reference}, cache_dir(),
+                              progress=progress)
+    m = fid.compare(load_npz(str(npz)), ref, progress=progress)
+    record = {"params": params, "key": arm.key, "label": arm.label, "checkpoint": str(ckpt),
+              "grid": str(png.relative_to(Path(out))), "final_loss": final_loss,
+              "metrics": {k: float(m[k]) for k in ("fid", "sfid", "precision", "recall")},
+              "n_samples": int(m["n_samples"]), "n_reference": int(m["n_reference"]),
+              "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(train_s, 1),
+              "command": arm_command(arm, b, teacher, threads)}
+    atomic_write(score_path, json.dumps(record, indent=2))
+    return record
+
+
+def environment(jobs: int) -> dict:
+    """What the numbers were measured on (the report records it)."""
+    import platform
+
+    import torch
+
+    import bdmtool
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"bdmtool": bdmtool.__version__, "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(),
+            "jobs": jobs, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_replication(out: str | os.PathLike, tables: tuple[str, ...], budget: ReplicationBudget, teacher: str,
+                    jobs: int = 1, only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Every arm of ``tables`` (``jobs`` at a time, each on cores // jobs threads); returns {key: score}."""
+    arms = arms_for(tables, budget.seeds, only)
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if not Path(teacher).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {teacher} not found (pass --teacher FP_CHECKPOINT)")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    scores: dict[str, dict] = {}
+    log(f"[replicate] {len(arms)} runs ({', '.join(tables)}), {budget.steps} steps x batch {budget.batch_size}, "
+        f"N = {budget.n_samples}, {jobs} at a time on {threads} thread(s) each")
+    if jobs == 1:
+        for i, arm in enumerate(arms, 1):
+            log(f"[replicate] {i}/{len(arms)} {arm.key} ...")
+            scores[arm.key] = run_arm(arm, budget, teacher, str(out), threads, progress=True)
+            log(f"[replicate] {arm.key}: FID {scores[arm.key]['metrics']['fid']:.2f} "
+                f"({'reused' if scores[arm.key].get('reused') else str(scores[arm.key]['seconds']) + ' s'})")
+        return scores
+    # spawn, not fork: a forked child would inherit torch's OpenMP pool from the parent
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {arm.key: pool.submit(run_arm, arm, budget, teacher, str(out), threads) for arm in arms}
+        for i, (key, fut) in enumerate(futures.items(), 1):
+            scores[key] = fut.result()
+            log(f"[replicate] {i}/{len(arms)} {key}: FID {scores[key]['metrics']['fid']:.2f} "
+                f"({'reused' if scores[key].get('reused') else str(scores[key]['seconds']) + ' s'})")
+    return scores
