@@ -298,3 +298,16 @@ def test_lsq_per_batch_mode_reproduces_the_official_reinit():
     with torch.no_grad():
         layer.step.fill_(123.0)  # the learned step is ignored in this mode
     assert torch.allclose(layer(x), expect, atol=1e-5)
+
+
+def test_decision_margin_is_the_distance_to_each_quantizer_boundary():
+    """sign: |x + threshold|; DoReFa's round(clip(x, 0, 1)): |x - 1/2|; LSQ: distance of x/s to k + 1/2, times s."""
+    x = torch.tensor([0.3, -0.7, 0.52, 1.9]).reshape(1, 4, 1, 1).repeat(1, 2, 1, 1)  # 8 channels
+    conv = torch.nn.Conv2d(8, 4, 1)
+    # LSQ at s = 0.1: x/s = 3, -7, 5.2, 19 (outside [-8, 7]: no boundary); the nearest k + 1/2 is 5.5 from 5.2
+    for method, abits, want in (("xnor", None, 0.3), ("dorefa", None, 0.02), ("baseline", 4, 0.3 * 0.1)):
+        cfg = BinarizeConfig.from_method(method, abits=abits)
+        layer = BinaryConv2d(conv, cfg, "l", in_hw=(1, 1))
+        if layer.uses_lsq:
+            layer.set_step_(0.1)
+        assert float(layer.decision_margin(x)[0]) == pytest.approx(want, abs=1e-6), method

@@ -191,7 +191,7 @@ class BinaryConv2d(nn.Module):
     def decision_margin(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample distance of the input to the quantizer's nearest decision boundary ([B]).
 
-        1-bit: |x + threshold| (the sign's boundary is 0); LSQ: distance of x/step to the nearest
+        1-bit: |x + threshold| (the sign's boundary is 0; DoReFa's {0, 1} codes: |x - 1/2|); LSQ: distance of x/step to the nearest
         rounding boundary k + 0.5 (inside the clamp range), times step. Two implementations whose float
         results differ by less than this margin quantize identically. Exact zeros are skipped: they come
         from explicit padding (the Downsample's border) and every implementation reproduces them exactly.
@@ -206,6 +206,8 @@ class BinaryConv2d(nn.Module):
             qn, qp = -(2 ** (self.cfg.abits - 1)), 2 ** (self.cfg.abits - 1) - 1
             inside = (v > qn - 0.5) & (v < qp + 0.5)
             d = ((v - torch.floor(v) - 0.5).abs() * s).where(inside, torch.full_like(v, float("inf")))
+        elif self.cfg.act == "dorefa":  # round(clip(x, 0, 1)): the boundary is 1/2
+            d = (x - 0.5).abs()
         else:
             d = (x + self.threshold if self.threshold is not None else x).abs()
         d = d.where(x != 0, torch.full_like(d, float("inf")))
