@@ -191,8 +191,8 @@ class BinaryConv2d(nn.Module):
     def decision_margin(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample distance of the input to the quantizer's nearest decision boundary ([B]).
 
-        1-bit: |x + threshold| (the sign's boundary is 0; DoReFa's {0, 1} codes: |x - 1/2|); LSQ: distance of x/step to the nearest
-        rounding boundary k + 0.5 (inside the clamp range), times step. Two implementations whose float
+        1-bit: |x + threshold| (the sign's boundary is 0; DoReFa's {0, 1} codes: |x - 1/2|); LSQ: distance
+        of x/step to the nearest rounding boundary k + 0.5 (inside the clamp range), times step. Two implementations whose float
         results differ by less than this margin quantize identically. Exact zeros are skipped: they come
         from explicit padding (the Downsample's border) and every implementation reproduces them exactly.
         """
@@ -282,7 +282,7 @@ class DCBypass(nn.Module):
 
     def __init__(self, buckets: int, timesteps: int, lr_scale: float, mode: str = "timestep_gain"):
         super().__init__()
-        self.buckets, self.timesteps, self.lr_scale, self.mode = buckets, timesteps, lr_scale, mode
+        self.buckets, self.timesteps, self.lr_scale = buckets, timesteps, lr_scale
         self.gain_raw = nn.Parameter(torch.zeros(buckets))
         self.remove_raw = nn.Parameter(torch.zeros(buckets)) if mode == "timestep_affine" else None
         self.offset_raw = nn.Parameter(torch.zeros(buckets)) if mode == "timestep_affine" else None
