@@ -26,7 +26,7 @@ def int8_ranges(model, probes: dict, meta: dict, ref: dict, trajectories: int = 
 
     class Recorder(KerasDenoiser):  # steps the model's own outputs, records the probes on the side
         def __init__(self, m):
-            super().__init__(m)
+            super().__init__(m, graph=True)  # 44 steps: tracing once pays (13 s -> 5 s on the tiny W1A4 student)
             self.output_names = self.output_names[:n_main]
 
         def _run(self, feeds):

@@ -1,5 +1,6 @@
 """binarize_: what is swapped, what the binary layer computes (the deployable semantics), EBB, TBS cache."""
 
+import math
 import copy
 
 import pytest
@@ -311,3 +312,38 @@ def test_decision_margin_is_the_distance_to_each_quantizer_boundary():
         if layer.uses_lsq:
             layer.set_step_(0.1)
         assert float(layer.decision_margin(x)[0]) == pytest.approx(want, abs=1e-6), method
+
+
+def test_certify_chance_reads_the_exponential_tail_from_the_best_margin():
+    """Margins ~ Exp(rate): 8 draws at mean 1e-6 leave a 3e-6 margin likely within 120 more draws, also when other
+    draws are hopeless for another reason; a multi-bit student's ~1e-7 margins make it hopeless."""
+    from bdmtool.trainer.bundle import certify_chance
+
+    g = torch.Generator().manual_seed(0)
+    draws = torch.empty(8).exponential_(1e6, generator=g).tolist()  # mean 1e-6: P(>= 3e-6) = e^-3 per draw
+    truth = 1 - (1 - math.exp(-3)) ** 120
+    assert certify_chance(draws, 3e-6, 120) > 0.5 and truth > 0.99
+    assert certify_chance(draws + [1e-9] * 10, 3e-6, 120) > 0.5  # hopeless timesteps do not hide the tail
+    assert certify_chance([2e-7, 1e-7, 4e-7, 3e-7] * 8, 3e-6, 96) < 0.01
+    assert certify_chance([], 3e-6, 5) == 1.0 and certify_chance([0.0, 0.0], 3e-6, 5) == 0.0
+    assert certify_chance([1e-7, 5e-6], 3e-6, 5) == 1.0
+
+
+@pytest.mark.parametrize("method,abits", [("binarydm", 4), ("xnor", None)])
+def test_reference_search_stops_early_only_when_certification_is_hopeless(method, abits):
+    from types import SimpleNamespace
+
+    from bdmtool.trainer.bundle import reference_inputs
+
+    model = binarize_(_model(), BinarizeConfig.from_method(method, abits=abits))
+    calibrate_(model, torch.randn(2, 1, 32, 32), torch.tensor([5.0, 700.0]))
+    calls = []
+    model.register_forward_pre_hook(lambda mod, inp: calls.append(1))
+    spec = SimpleNamespace(unet=CFG, diffusion=SimpleNamespace(timesteps=1000))
+    with torch.no_grad():
+        x, t, eps, margins = reference_inputs(model, spec, n_ref=2, seed=0, min_margin=3e-6, max_tries=64, probe=6)
+    assert x.shape == (2, 1, 32, 32) and eps.shape == x.shape and len(margins) == 2
+    if abits:  # 15 boundaries per value: margins ~1e-7, the search gives up long before max_tries
+        assert 2 * 6 <= len(calls) < 2 * 64 and float(margins.max()) < 3e-6
+    else:  # sign: either certified, or the search went on past the probe because success was plausible
+        assert all(float(m) >= 3e-6 for m in margins) or len(calls) > 2 * 6

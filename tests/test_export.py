@@ -283,6 +283,27 @@ def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
     assert "Traceback" not in r.stderr and "Error: keras_vs_pytorch" in r.stderr
 
 
+def test_serving_function_conversion_is_lce_convert_keras_model_byte_for_byte():
+    """exporter.convert saves one serving function instead of the Keras object graph (3x faster): the flatbuffer
+    must be the one LCE's convert_keras_model writes, signature and output names included (two outputs here)."""
+    import larq as lq
+    import larq_compute_engine as lce
+    import tensorflow as tf
+
+    from bdmtool.exporter.convert import convert
+
+    tf.random.set_seed(0)
+    x = tf.keras.Input((8, 8, 4), batch_size=1, name="x")
+    t = tf.keras.Input((1,), batch_size=1, name="t")
+    h = lq.layers.QuantConv2D(8, 3, padding="same", pad_values=1.0, input_quantizer="ste_sign",
+                              kernel_quantizer="ste_sign", kernel_constraint="weight_clip", use_bias=False)(x)
+    h = tf.keras.layers.BatchNormalization()(h)
+    eps = tf.keras.layers.Add(name="eps")([tf.keras.layers.Conv2D(4, 1, name="out")(h), x * t[:, :, None, None]])
+    model = tf.keras.Model([x, t], [eps, tf.keras.layers.Identity(name="cache_out_0")(h)])
+    fast = convert(model, log=lambda s: pytest.fail(f"fallback or warning: {s}"))
+    assert fast == lce.convert_keras_model(model)
+
+
 def test_exporter_imports_without_torch():
     import subprocess
     import sys
