@@ -3,7 +3,7 @@
 # Every step resumes: re-run the script after an interruption and finished runs are reused.
 #   1. the FP teacher: 6,000 steps from scratch (v1), then 8,000 more steps from v1's weights with a cosine
 #      learning rate (v2, the embedded tiny_mnist_fp.ckpt);  2. its grid and FID (1,000 samples vs MNIST-5k);
-#   3. the shipped students from it (about 40 min of 2-core CPU each), packed to sign bits (bdmtool pack),
+#   3. the shipped students from it (51 min to 1 h 33 min each on one thread, two side by side), packed to sign bits (bdmtool pack),
 #      with their grids, loss curves and pass-through diagnostics.
 # STAGE=teacher|students|all (default all). THREADS (default 2) sets torch's threads for the trainings.
 # ONLY=<student name> (e.g. ONLY=bidm_w1a1) builds one student and skips the shared diagnostic, so that two
