@@ -131,7 +131,8 @@ def certify_chance(margins: list[float], min_margin: float, tries_left: int, sla
     t alone), so the tail is assumed ``slack`` times heavier than the best draw suggests (measured: a micro XNOR
     model's best margin at one timestep was 9.6e-7 after 20 draws and 4.9e-6 after 128). The chance of a success
     is then 1 - (1 - exp(-lam min_margin)) ** tries_left. Used to stop a search that cannot succeed (multi-bit
-    activations: ~15-255 boundaries per value, best margins ~1e-7); certification keeps its meaning: an input is certified only when its measured margin is >= min_margin."""
+    activations: ~15-255 boundaries per value, best margins ~1e-7); certification keeps its meaning: an input
+    is certified only when its measured margin is >= min_margin."""
     if not margins:
         return 1.0
     best = max(margins)
