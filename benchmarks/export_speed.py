@@ -22,8 +22,9 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "bdmtool" / "assets"
+import bdmtool  # sets no threads and imports no torch or TensorFlow
+
+ASSETS = Path(bdmtool.ASSETS)
 CASES = OrderedDict([
     ("fp", ("tiny_mnist_fp.ckpt", ["--target", "fp"])),
     ("fp_keras", ("tiny_mnist_fp.ckpt", ["--target", "keras-fp"])),
@@ -81,10 +82,9 @@ def main() -> None:
         fname, args = CASES[c]
         ckpt = ASSETS / fname
         if not ckpt.exists():
-            print(f"| {c} | missing {ckpt.relative_to(ROOT)} (build it with scripts/make_assets.sh) |", flush=True)
+            print(f"| {c} | missing {ckpt} (build it with scripts/make_assets.sh) |", flush=True)
             continue
         wall, cols = export_once(ckpt, args)
-        busy_wall = float("nan")
         if not a.no_busy:
             busy = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
@@ -94,7 +94,8 @@ def main() -> None:
                 busy.kill()
                 busy.wait()
         cells = " | ".join(f"{cols[k]:.1f}" for k in COLUMNS)
-        print(f"| {c} | {cells} | {wall:.1f} | {busy_wall:.1f} | {busy_wall / wall:.2f}x |", flush=True)
+        busy_cells = "– | –" if a.no_busy else f"{busy_wall:.1f} | {busy_wall / wall:.2f}x"
+        print(f"| {c} | {cells} | {wall:.1f} | {busy_cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -69,11 +69,10 @@ class KerasDenoiser(Denoiser):
     step than eager: worth it from ~10 steps on, e.g. calibration trajectories)."""
 
     def __init__(self, model, graph: bool = False):
-        self.model = model
         if graph:
             import tensorflow as tf
 
-            self._call = tf.function(lambda feeds: model(feeds))
+            self._call = tf.function(model)
         else:
             self._call = model
         names = [i.name.split(":")[0] for i in model.inputs]
