@@ -1,9 +1,13 @@
-"""QAT training-step time per method, relative to an FP training step of the same U-Net and batch.
+"""QAT training-step time per method and precision, relative to an FP training step of the same U-Net and batch.
 
     python benchmarks/qat_step.py [--preset tiny] [--batch 32] [--repeats 5] [--methods binarydm,bidm,...]
+                                  [--precisions fp32,bf16]
 
 Each row times the full step the trainer runs (schedule, TBS cache pass, student forward, teacher forward
-and distillation terms, backward, AdamW) with median over ``--repeats`` after one warm-up step.
+and distillation terms, backward, AdamW) with median over ``--repeats`` after one warm-up step, inside the
+same autocast context as ``bdmtool train`` (``train.precision``). Columns: the step, QAT / FP at the same
+precision, QAT / FP against the eager-fp32 FP step (the issue-14 yardstick), and the speed-up of bf16 over
+fp32 for the same method, all from one run.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import torch
 from bdmtool.trainer.checkpoint import atomic_save, make_checkpoint
 from bdmtool.trainer.diffusion import Diffusion
 from bdmtool.trainer.objective import TrainingObjective
+from bdmtool.trainer.runtime import autocast
 from bdmtool.trainer.spec import METHODS, TrainSpec, UNetConfig, build_train_spec
 from bdmtool.trainer.train import build_student
 
 
-def _time_steps(spec: TrainSpec, batch: int, repeats: int) -> float:
+def _time_steps(spec: TrainSpec, batch: int, repeats: int, precision: str = "fp32") -> float:
+    torch.manual_seed(0)
     model, teacher = build_student(spec)
     diffusion = Diffusion(spec.diffusion)
     objective = TrainingObjective(spec, diffusion, model, teacher)
@@ -35,7 +41,8 @@ def _time_steps(spec: TrainSpec, batch: int, repeats: int) -> float:
     objective.prepare(x0, t, noise)
 
     def step(i: int) -> None:
-        loss = objective(model, x0, t, noise, i)["loss"]
+        with autocast(precision, torch.device("cpu")):
+            loss = objective(model, x0, t, noise, i)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -55,7 +62,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--precisions", default="fp32,bf16")
     a = ap.parse_args()
+    precisions = a.precisions.split(",")
+    if "fp32" not in precisions:
+        precisions.insert(0, "fp32")
     torch.manual_seed(0)
     from bdmtool.trainer.unet import UNet
 
@@ -63,17 +74,19 @@ def main() -> None:
         teacher = Path(tmp) / "teacher.ckpt"
         fp_spec = build_train_spec(a.preset, "mnist5k" if UNetConfig.from_name(a.preset).in_channels == 1 else "digits")
         atomic_save(make_checkpoint(fp_spec, 0, UNet(fp_spec.unet).state_dict()), teacher)
-        fp = _time_steps(fp_spec, a.batch, a.repeats)  # the same loop, no binarization
-        rows = []
+        fp = {p: _time_steps(fp_spec, a.batch, a.repeats, p) for p in precisions}  # the same loop, no binarization
+        rows = [("fp", 32, p, fp[p]) for p in precisions]
         for m in a.methods.split(","):
             spec = build_train_spec(method=m, teacher=str(teacher))
-            rows.append((m, spec.binarize.abits, _time_steps(spec, a.batch, a.repeats)))
+            rows += [(m, spec.binarize.abits, p, _time_steps(spec, a.batch, a.repeats, p)) for p in precisions]
     print(f"\npreset {a.preset}, batch {a.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| method | W/A bits | step (s) | QAT / FP |")
-    print("|---|---|---:|---:|")
-    print(f"| fp | 32/32 | {fp:.3f} | 1.00 |")
-    for m, abits, s in rows:
-        print(f"| {m} | 1/{abits} | {s:.3f} | {s / fp:.2f} |")
+    print("| method | W/A bits | precision | step (s) | QAT / FP (same precision) | QAT / FP fp32 "
+          "| speed-up vs fp32 |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for m, abits, p, s in rows:
+        own = next(x[3] for x in rows if x[0] == m and x[2] == "fp32")
+        print(f"| {m} | {'32/32' if m == 'fp' else f'1/{abits}'} | {p} | {s:.3f} | {s / fp[p]:.2f} | "
+              f"{s / fp['fp32']:.2f} | {own / s:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,25 @@ def test_unknown_names_list_choices():
         get_weight_binarizer("xnor_scaled")
     with pytest.raises(ValueError, match="choose from"):
         get_act_quantizer("swish_sign")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("step_shape", [(), (1,)])
+def test_fused_lsq_equals_the_autograd_chain_bit_for_bit(bits, step_shape):
+    """The one-node LSQ (trainer speed) gives the same output and the same gradients to x and to a
+    log-parametrised step as the div/clamp/round/mul chain, exactly: a training run is the same either way."""
+    from bdmtool.trainer.quantizers import lsq_autograd
+
+    torch.manual_seed(bits)
+    x = (torch.randn(4, 8, 7, 7) * 0.3 * 2 ** (bits - 1)).requires_grad_()  # some beyond the clamp
+    log_step = torch.full(step_shape, -1.3, requires_grad=True)
+    g = torch.randn(4, 8, 7, 7)
+    got = []
+    for fn in (get_act_quantizer("lsq"), lsq_autograd):
+        x.grad = log_step.grad = None
+        y = fn(x, log_step.exp(), bits)
+        y.backward(g)
+        got.append((y.detach(), x.grad.clone(), log_step.grad.clone()))
+    (y1, gx1, gs1), (y2, gx2, gs2) = got
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2) and torch.equal(gs1, gs2)
+    assert (gx1 == 0).any() and (gx1 != 0).any()  # both sides of the clamp are exercised

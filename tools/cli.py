@@ -64,14 +64,18 @@ def cli() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any spec field, e.g. --set train.lr=1e-4 --set unet.dropout=0.1 (repeatable).")
 @click.option("--no-resume", is_flag=True, help="Ignore an existing state.ckpt in --out and start over.")
+@click.option("--device", default=None, help="auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N "
+              "[default: train.device, auto]; a run may resume on another device.")
+@click.option("--bf16", is_flag=True, help="Autocast the step to bfloat16 (train.precision=bf16; docs/methods.md).")
 @_friendly
-def train(preset, data, method, wbits, abits, teacher, init, steps, out, overrides, no_resume):
+def train(preset, data, method, wbits, abits, teacher, init, steps, out, overrides, no_resume, device, bf16):
     """Train a full-precision U-Net, or a binarized one from an FP teacher (resumes exactly; DDP under torchrun)."""
     from bdmtool.trainer.spec import build_train_spec
     from bdmtool.trainer.train import train as run
 
     if method is not None and teacher is None:
         teacher = str(DEFAULT_CKPT)
+    overrides = (*overrides, *([f"train.device={device}"] if device else []), *(["train.precision=bf16"] if bf16 else []))
     spec = build_train_spec(preset, data, steps, overrides, method=method,
                             abits=None if abits is None else int(abits), teacher=teacher, init=init)
     path = run(spec, out, resume=not no_resume)
@@ -95,8 +99,10 @@ def train(preset, data, method, wbits, abits, teacher, init, steps, out, overrid
               help="Clamp the predicted x0 to [-1, 1] each step and re-derive eps (diffusers' clip_sample).")
 @click.option("--tflite", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Sample an exported .tflite (with its sidecar .json) in the LCE interpreter instead of CKPT.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N.")
 @_friendly
-def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema, clip_x0, tflite):
+def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema, clip_x0, tflite, device):
     """Sample images from CKPT (default: the embedded tiny MNIST model) or --tflite; writes a grid PNG and an .npz."""
     from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
 
@@ -107,7 +113,7 @@ def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema, cl
 
         png, npz = sample_tflite(tflite, out, opts)
     else:
-        png, npz = sample_checkpoint(ckpt, out, opts, use_ema=not no_ema)
+        png, npz = sample_checkpoint(ckpt, out, opts, use_ema=not no_ema, device=device)
     click.echo(f"wrote {png} and {npz}")
 
 
@@ -167,7 +173,8 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, ben
 @click.option("--only", default="", help="Comma-separated run keys: only these rows of the tables (a partial "
               "report, e.g. one pair).")
 @click.option("--jobs", type=int, default=1, show_default=True,
-              help="Runs side by side, each on cores/jobs threads (2 on a 2-core machine: one thread each).")
+              help="Runs side by side, each on cores/jobs threads (2 on a 2-core machine: one thread each); "
+              "cores are those of the CPU affinity, so `taskset -c 0 bdmtool replicate` leaves core 1 free.")
 @_friendly
 def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, only, teacher, jobs):
     """Train and score the papers' tables (BinaryDM T1/T7, BiDM T1/ablation) from one teacher; OUT/report.md.
@@ -245,16 +252,18 @@ def export(ckpt, target, out, name, a8, a4, tol, allow_float_layers, per_layer):
 @click.option("--kid", "with_kid", is_flag=True, help="Also compute KID.")
 @click.option("--inception-is-weights", type=click.Path(), default=None,
               help="Classic Inception weights with the classifier head, needed for the Inception Score.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where a checkpoint is sampled: auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N.")
 @_friendly
 def eval_(source, reference, ref_limit, out, n, steps, eta, seed, batch_size, clip_x0, with_kid,
-          inception_is_weights):
+          inception_is_weights, device):
     """FID, sFID, precision/recall of SOURCE: a checkpoint, a .tflite, an .npz of samples or an image folder."""
     from bdmtool.tools.evaluate import evaluate
     from bdmtool.trainer.sampling import SampleOptions
 
     opts = SampleOptions(n=n, steps=steps, eta=eta, seed=seed, batch_size=batch_size, clip_x0=clip_x0)
     evaluate(source, out, opts, reference=reference, ref_limit=ref_limit, with_kid=with_kid,
-             inception_is_weights=inception_is_weights, log=click.echo)
+             inception_is_weights=inception_is_weights, log=click.echo, device=device)
 
 
 @cli.command()

@@ -55,7 +55,7 @@ def reference_resolutions(spec: dict) -> tuple[int, ...]:
     return {"mnist5k": (28, 32), "digits": (8, 32)}.get(spec["source"], (32,))
 
 
-def load_samples(source: Path, opts, out: Path, log) -> tuple[np.ndarray, dict]:
+def load_samples(source: Path, opts, out: Path, log, device: str = "cpu") -> tuple[np.ndarray, dict]:
     from bdmtool.trainer.data import load_folder, load_npz
 
     if source.is_dir():
@@ -73,7 +73,7 @@ def load_samples(source: Path, opts, out: Path, log) -> tuple[np.ndarray, dict]:
         from bdmtool.trainer.sampling import sample_checkpoint
 
         t0 = time.perf_counter()
-        _, npz = sample_checkpoint(source, out / "samples", opts)
+        _, npz = sample_checkpoint(source, out / "samples", opts, device=device)
         log(f"[eval] sampled {opts.n} images from {source.name} in {time.perf_counter() - t0:.0f} s")
         return load_npz(str(npz)), {"source": str(source), "kind": "checkpoint"}
     if source.suffix == ".tflite":
@@ -87,7 +87,7 @@ def load_samples(source: Path, opts, out: Path, log) -> tuple[np.ndarray, dict]:
 
 
 def evaluate(source: str | Path, out: str | Path, opts, reference: str | None = None, ref_limit: int | None = None,
-             with_kid: bool = False, inception_is_weights: str | None = None, log=print) -> dict:
+             with_kid: bool = False, inception_is_weights: str | None = None, log=print, device: str = "cpu") -> dict:
     from bdmtool.trainer import fid
     from bdmtool.trainer.data import load_images, parse_data_arg, save_grid
     from bdmtool.trainer.spec import DataConfig
@@ -108,7 +108,7 @@ def evaluate(source: str | Path, out: str | Path, opts, reference: str | None = 
         raise ValueError(f"--ref {ref_arg!r}: unknown reference; use one of mnist5k, digits, cifar10:DIR, "
                          "folder:DIR, npz:FILE")
     out.mkdir(parents=True, exist_ok=True)
-    samples, src_meta = load_samples(source, opts, out, log)
+    samples, src_meta = load_samples(source, opts, out, log, device=device)
     _, h, w, c = samples.shape
     if len(samples) < 2:
         raise ValueError(f"{source} holds {len(samples)} sample; FID needs at least 2 samples")

@@ -79,7 +79,10 @@ def clip_eps(eps: torch.Tensor, x: torch.Tensor, a: float) -> tuple[torch.Tensor
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    """Noise from ``generator``'s device (the CPU one of sampling.py: the same numbers on every device)."""
+    if generator is None or generator.device == x.device:
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
 
 
 class _SkippingSampler(Sampler):

@@ -48,17 +48,18 @@ def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch
 
 
 def generate(eps_model: torch.nn.Module, diffusion: Diffusion, shape: tuple[int, int, int],
-             opts: SampleOptions, progress: bool = True) -> np.ndarray:
-    """Sample ``opts.n`` images with a PyTorch epsilon model; returns uint8 NHWC."""
+             opts: SampleOptions, progress: bool = True, device: torch.device | None = None) -> np.ndarray:
+    """Sample ``opts.n`` images with a PyTorch epsilon model (on ``device``, default the CPU; the noise is
+    drawn on the CPU either way); returns uint8 NHWC."""
     sampler = make_sampler(opts.sampler, diffusion, eta=opts.eta, skip=opts.skip, clip_x0=opts.clip_x0)
     sampler.set_timesteps(opts.steps)
     x_T, g = initial_noise(opts.n, shape, opts.seed)
     out = []
     chunks = range(0, opts.n, opts.batch_size)
     for s in tqdm(chunks, desc=f"sampling {opts.n} images", disable=not progress or len(chunks) == 1):
-        x = sample_loop(eps_model, sampler, x_T[s: s + opts.batch_size], g,
+        x = sample_loop(eps_model, sampler, x_T[s: s + opts.batch_size].to(device or "cpu"), g,
                         progress=progress and len(chunks) == 1, on_start=lambda: reset_state(eps_model))
-        out.append(from_model_range(x.clamp(-1, 1).numpy()))
+        out.append(from_model_range(x.clamp(-1, 1).cpu().numpy()))
     return np.concatenate(out)
 
 
@@ -77,13 +78,15 @@ def write_samples(images: np.ndarray, out: str | os.PathLike, meta: dict) -> tup
 
 
 def sample_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike, opts: SampleOptions,
-                      use_ema: bool = True, progress: bool = True) -> tuple[Path, Path]:
-    """Load a checkpoint, sample, write grid + npz; returns their paths."""
+                      use_ema: bool = True, progress: bool = True, device: str = "cpu") -> tuple[Path, Path]:
+    """Load a checkpoint, sample on ``device`` (auto | cpu | cuda[:N]), write grid + npz; returns their paths."""
+    from .runtime import resolve_device
     from .train import load_model
 
+    dev = resolve_device(device)
     model, spec, ckpt = load_model(ckpt_path, use_ema=use_ema)
     shape = (spec.unet.in_channels, spec.unet.resolution, spec.unet.resolution)
     with torch.no_grad():
-        images = generate(model, Diffusion(spec.diffusion), shape, opts, progress=progress)
+        images = generate(model.to(dev), Diffusion(spec.diffusion), shape, opts, progress=progress, device=dev)
     meta = {"checkpoint": str(ckpt_path), "step": ckpt["step"], **opts.__dict__}
     return write_samples(images, out, meta)

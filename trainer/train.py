@@ -29,6 +29,7 @@ from .data import load_images
 from .diffusion import Diffusion
 from .metrics import MetricsLog, plot_loss_curve
 from .objective import TrainingObjective
+from .runtime import autocast, move_to_cpu, resolve_device
 from .spec import TrainSpec
 from .unet import UNet, count_parameters
 
@@ -46,11 +47,14 @@ class DistEnv:
 
 
 @contextmanager
-def distributed():
-    """Initialise gloo from torchrun's environment (RANK/WORLD_SIZE) when present; single process otherwise."""
+def distributed(device: torch.device = torch.device("cpu")):
+    """Initialise torchrun's process group (RANK/WORLD_SIZE) when present, NCCL on CUDA and gloo on CPU;
+    single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         try:
             yield DistEnv(dist.get_rank(), dist.get_world_size())
             dist.barrier()  # rank 0 may still be writing checkpoints; tearing gloo down under it aborts a peer
@@ -142,7 +146,7 @@ def _check_resume_spec(saved: TrainSpec, spec: TrainSpec, path: Path) -> None:
     learning rate decays over it: a cosine schedule stretched mid-run would not be the same run)."""
     def key(s: TrainSpec) -> TrainSpec:
         steps = s.train.steps if s.train.lr_decay != "none" else 1
-        return s.replace(train=s.train.replace(steps=steps, log_every=1, ckpt_every=1, threads=0))
+        return s.replace(train=s.train.replace(steps=steps, log_every=1, ckpt_every=1, threads=0, device="auto"))
     a, b = key(saved), key(spec)
     if a != b:
         diff = [k for k, v in b.to_dict().items() if a.to_dict()[k] != v]
@@ -161,7 +165,8 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
     tc = spec.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    with distributed() as env:
+    device = resolve_device(tc.device)
+    with distributed(device) as env:
         if tc.batch_size % env.world:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {env.world} processes")
         images = torch.from_numpy(load_images(spec.data))
@@ -171,6 +176,9 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
         ema = build_model(spec)
         ema.load_state_dict(model.state_dict())
         ema.eval().requires_grad_(False)
+        model.to(device), ema.to(device)
+        if teacher is not None:
+            teacher.to(device)
         objective = TrainingObjective(spec, diffusion, model, teacher)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
                                 weight_decay=tc.weight_decay)
@@ -185,15 +193,18 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
             torch.set_rng_state(ckpt["rng"]["torch"])
             if ckpt.get("distill"):
                 objective.distiller.load(ckpt["distill"])
+                objective.distiller.to(device)
             start = ckpt["step"]
         else:
-            objective.prepare(*make_batch(images, spec, 0, env))
+            objective.prepare(*(v.to(device) for v in make_batch(images, spec, 0, env)))
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "spec.json", spec.to_json())
         log = MetricsLog(out / METRICS_FILE, resume_step=start) if env.is_main else None
         unused = spec.binarize is not None and spec.binarize.may_leave_parameters_unused
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if env.world > 1 else model
+        net = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused,
+                                                         device_ids=[device] if device.type == "cuda" else None)
+               if env.world > 1 else model)
         kind = "fp" if spec.binarize is None else "binary"
 
         def save(step: int) -> None:
@@ -201,9 +212,10 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
                 return
             rng = {"torch": torch.get_rng_state(), "seed": torch.tensor(tc.seed)}
             distill = objective.distiller.state() if objective.distiller.has_projections() else None
-            atomic_save(make_checkpoint(spec, step, model.state_dict(), ema.state_dict(), opt.state_dict(), rng,
-                                        kind=kind, distill=distill), state_path)
-            atomic_save(make_checkpoint(spec, step, ema.state_dict(), kind=kind), out / MODEL_FILE)
+            weights, ema_weights = move_to_cpu(model.state_dict()), move_to_cpu(ema.state_dict())
+            atomic_save(make_checkpoint(spec, step, weights, ema_weights, move_to_cpu(opt.state_dict()), rng,
+                                        kind=kind, distill=move_to_cpu(distill)), state_path)
+            atomic_save(make_checkpoint(spec, step, ema_weights, kind=kind), out / MODEL_FILE)
             plot_loss_curve(out / METRICS_FILE, out / LOSS_PNG)
 
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and env.is_main),
@@ -212,11 +224,12 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
         saved = start if state_path.exists() else None
         t_last = time.perf_counter()
         for step in bar:
-            x0, t, noise = make_batch(images, spec, step, env)
+            x0, t, noise = (v.to(device) for v in make_batch(images, spec, step, env))
             torch.manual_seed(_generator(tc.seed, 3, step, env.rank).initial_seed())  # dropout
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, spec)
-            terms = objective(net, x0, t, noise, step)
+            with autocast(tc.precision, device):
+                terms = objective(net, x0, t, noise, step)
             loss = terms["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -120,6 +120,14 @@ def run_arm(arm: Arm, b: ReplicationBudget, teacher: str, out: str, threads: int
     return record
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (``taskset -c 0 bdmtool replicate`` leaves one core free for other work)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def environment(jobs: int) -> dict:
     """What the numbers were measured on (the report records it)."""
     import platform
@@ -134,19 +142,19 @@ def environment(jobs: int) -> dict:
                    if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"bdmtool": bdmtool.__version__, "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(),
+    return {"bdmtool": bdmtool.__version__, "torch": torch.__version__, "cpu": cpu, "cores": usable_cores(),
             "jobs": jobs, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def run_replication(out: str | os.PathLike, tables: tuple[str, ...], budget: ReplicationBudget, teacher: str,
                     jobs: int = 1, only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Every arm of ``tables`` (``jobs`` at a time, each on cores // jobs threads); returns {key: score}."""
+    """Every arm of ``tables`` (``jobs`` at a time, each on usable cores // jobs threads); returns {key: score}."""
     arms = arms_for(tables, budget.seeds, only)
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if not Path(teacher).is_file():
         raise FileNotFoundError(f"teacher checkpoint {teacher} not found (pass --teacher FP_CHECKPOINT)")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, usable_cores() // jobs)
     scores: dict[str, dict] = {}
     log(f"[replicate] {len(arms)} runs ({', '.join(tables)}), {budget.steps} steps x batch {budget.batch_size}, "
         f"N = {budget.n_samples}, {jobs} at a time on {threads} thread(s) each")

@@ -1,0 +1,96 @@
+"""Where and how a step runs: --device resolution, bf16 autocast training (exact resume, loss near fp32),
+and the CUDA path (skipped here with the reason when torch sees no GPU)."""
+
+import pytest
+import torch
+
+from bdmtool.trainer.checkpoint import load_checkpoint
+from bdmtool.trainer.metrics import read_metrics
+from bdmtool.trainer.runtime import move_to_cpu, resolve_device
+from bdmtool.trainer.spec import build_train_spec
+from bdmtool.trainer.train import train
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU on this machine")
+
+
+def _spec(micro_overrides, steps, *extra):
+    return build_train_spec("tiny", "digits", steps, [*micro_overrides, "data.limit=64", "train.batch_size=8",
+                                                       "train.log_every=1", "train.warmup_steps=2",
+                                                       "train.threads=1", *extra])
+
+
+def test_device_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="train.device"):
+        build_train_spec("tiny", "digits", 1, ["train.device=gpu"])
+    with pytest.raises(ValueError, match="train.precision"):
+        build_train_spec("tiny", "digits", 1, ["train.precision=fp16"])
+
+
+def test_move_to_cpu_keeps_structure():
+    obj = {"a": torch.ones(2), "b": [torch.zeros(1), 3], "c": (torch.ones(1),), "d": None}
+    out = move_to_cpu(obj)
+    assert set(out) == set(obj) and out["b"][1] == 3 and isinstance(out["c"], tuple) and out["d"] is None
+
+
+def test_bf16_training_resumes_exactly_and_follows_fp32(tmp_path, micro_overrides):
+    """A bf16 run interrupted at step 4 and resumed gives the uninterrupted run's losses bit for bit; its loss
+    stays within 5 % of the fp32 run's, and the device is not part of the resume check."""
+    full = train(_spec(micro_overrides, 8, "train.precision=bf16", "train.ckpt_every=100", "train.lr=1e-3"),
+                 tmp_path / "full", progress=False)
+    train(_spec(micro_overrides, 4, "train.precision=bf16", "train.ckpt_every=4", "train.lr=1e-3"),
+          tmp_path / "cut", progress=False)
+    train(_spec(micro_overrides, 8, "train.precision=bf16", "train.ckpt_every=4", "train.lr=1e-3",
+                "train.device=cpu"), tmp_path / "cut", progress=False)
+    a = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
+    assert a == b and len(a) == 8
+    fa, fb = load_checkpoint(full), load_checkpoint(tmp_path / "cut" / "model.ckpt")
+    assert all(torch.equal(v, fb["model"][k]) for k, v in fa["model"].items())
+    assert all(v.dtype != torch.bfloat16 for v in fa["model"].values())  # weights stay fp32
+    train(_spec(micro_overrides, 8, "train.ckpt_every=100", "train.lr=1e-3"), tmp_path / "fp32", progress=False)
+    c = [r["loss"] for r in read_metrics(tmp_path / "fp32" / "metrics.jsonl")]
+    assert a != c  # bf16 really ran
+    assert all(abs(x - y) <= 0.05 * y for x, y in zip(a, c)), (a, c)
+    with pytest.raises(ValueError, match="different spec"):  # precision changes results: no silent mix
+        train(_spec(micro_overrides, 10, "train.ckpt_every=4", "train.lr=1e-3"), tmp_path / "cut", progress=False)
+
+
+def test_binary_student_trains_in_bf16(tmp_path, micro_overrides):
+    teacher = train(_spec(micro_overrides, 2), tmp_path / "teacher", progress=False)
+    spec = build_train_spec(method="binarydm", abits=4, teacher=str(teacher), steps=3,
+                            overrides=["train.batch_size=4", "train.threads=1", "train.log_every=1",
+                                       "train.precision=bf16", "data.limit=16"])
+    train(spec, tmp_path / "student", progress=False)
+    rows = read_metrics(tmp_path / "student" / "metrics.jsonl")
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] and r["loss"] < 10 for r in rows)
+
+
+@needs_cuda
+def test_cuda_training_and_sampling_match_cpu(tmp_path, micro_overrides):
+    """On a GPU: a CUDA run's first loss equals the CPU run's to float tolerance (same batches: CPU
+    generators), its checkpoint loads on the CPU, and CUDA samples are close to CPU samples."""
+    from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
+
+    cpu = train(_spec(micro_overrides, 3, "train.device=cpu"), tmp_path / "cpu", progress=False)
+    gpu = train(_spec(micro_overrides, 3, "train.device=cuda"), tmp_path / "gpu", progress=False)
+    a = read_metrics(tmp_path / "cpu" / "metrics.jsonl")[0]["loss"]
+    b = read_metrics(tmp_path / "gpu" / "metrics.jsonl")[0]["loss"]
+    assert b == pytest.approx(a, rel=1e-3)
+    state = load_checkpoint(tmp_path / "gpu" / "state.ckpt")
+    assert all(v.device.type == "cpu" for v in state["model"].values())
+    opts = SampleOptions(n=4, steps=5, batch_size=4)
+    _, n1 = sample_checkpoint(cpu, tmp_path / "s_cpu", opts, progress=False, device="cpu")
+    _, n2 = sample_checkpoint(cpu, tmp_path / "s_gpu", opts, progress=False, device="cuda")
+    import numpy as np
+
+    x1, x2 = np.load(n1)["arr_0"].astype(int), np.load(n2)["arr_0"].astype(int)
+    assert np.abs(x1 - x2).max() <= 2
+    train(_spec(micro_overrides, 5, "train.device=cuda"), tmp_path / "cpu", progress=False)  # resume on the GPU
+    assert read_metrics(tmp_path / "cpu" / "metrics.jsonl")[-1]["step"] == 5
