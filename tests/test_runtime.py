@@ -94,3 +94,44 @@ def test_cuda_training_and_sampling_match_cpu(tmp_path, micro_overrides):
     assert np.abs(x1 - x2).max() <= 2
     train(_spec(micro_overrides, 5, "train.device=cuda"), tmp_path / "cpu", progress=False)  # resume on the GPU
     assert read_metrics(tmp_path / "cpu" / "metrics.jsonl")[-1]["step"] == 5
+
+
+def test_thread_policy_decisions():
+    from bdmtool.trainer.runtime.threads import decide
+
+    assert decide(2, 0.1, {}).env == {}  # idle: torch's defaults are the fastest alone
+    c = decide(2, 1.0, {})
+    assert c.env["OMP_NUM_THREADS"] == "1" and "OMP_WAIT_POLICY" not in c.env and "1 thread" in c.note
+    c = decide(16, 3.2, {})
+    assert c.env["OMP_NUM_THREADS"] == "13" and c.env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert c.env["TF_NUM_INTRAOP_THREADS"] == "13"
+    assert decide(2, 2.0, {}).env["OMP_NUM_THREADS"] == "1"  # never fewer than one
+    assert decide(2, 1.0, {"OMP_NUM_THREADS": "2"}).env == {}  # the user's setting wins
+    assert decide(2, None, {"BDMTOOL_THREADS": "3"}).env["OMP_NUM_THREADS"] == "3"
+    with pytest.raises(ValueError, match="BDMTOOL_THREADS"):
+        decide(2, None, {"BDMTOOL_THREADS": "many"})
+
+
+def test_cli_takes_only_the_idle_cores_next_to_a_busy_process(tmp_path):
+    """A real busy process on one core: the CLI measures it before torch loads and says what it chose."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import bdmtool_cmd
+    from bdmtool.trainer.runtime.threads import allowed_cpus
+
+    cpus = allowed_cpus()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BDMTOOL_THREADS")}
+        r = subprocess.run([*bdmtool_cmd(), "sample", "--n", "1", "--steps", "1", "--out", str(tmp_path / "s")],
+                           capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cores are busy with other processes" in r.stderr, r.stderr[-2000:]
+    assert f"running on {max(1, len(cpus) - 1)} thread" in r.stderr, r.stderr[-2000:]

@@ -43,6 +43,14 @@ def _one_line(text: str) -> str:
 @click.version_option(bdmtool.__version__, prog_name="bdmtool")
 def cli() -> None:
     """bdmtool: binarized diffusion models from PyTorch to a 1-bit LCE .tflite on Android."""
+    from bdmtool.trainer.runtime.threads import choose_threads
+
+    try:  # before torch / TensorFlow load: take only the cores other processes leave idle
+        note = choose_threads().note
+    except ValueError as e:
+        raise _UserError(str(e)) from None
+    if note:
+        click.echo(note, err=True)
 
 
 @cli.command()
