@@ -164,3 +164,45 @@ def test_user_facing_sampling_clips_by_default():
     from bdmtool.trainer.sampling import SampleOptions
 
     assert SampleOptions().clip_x0 and not SampleOptions(clip_x0=False).clip_x0
+
+
+def test_interrupted_sampling_continues_with_the_same_images(tmp_path, micro_overrides, monkeypatch):
+    """Kept batches + the generator state after each: a sampling run stopped in its third batch and started
+    again samples only what is missing and writes the uninterrupted run's images (eta=1: the per-step noise
+    continues across batches); another option never reuses them."""
+    import numpy as np
+
+    import bdmtool.trainer.sampling as S
+    from bdmtool.trainer.checkpoint import atomic_save, make_checkpoint
+    from bdmtool.trainer.spec import build_train_spec
+    from bdmtool.trainer.unet import UNet
+
+    torch.set_default_dtype(torch.float32)  # a real model (the fixture restores float64 afterwards)
+    spec = build_train_spec("tiny", "digits", 1, micro_overrides)
+    ckpt = tmp_path / "m.ckpt"
+    atomic_save(make_checkpoint(spec, 0, UNet(spec.unet).state_dict()), ckpt)
+    opts = S.SampleOptions(n=6, steps=3, eta=1.0, batch_size=2, seed=3)
+    _, ref = S.sample_checkpoint(ckpt, tmp_path / "ref", opts, progress=False)
+
+    real, calls = S.sample_loop, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "sample_loop", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        S.sample_checkpoint(ckpt, tmp_path / "run", opts, progress=False)
+    kept = sorted(p.name for p in (tmp_path / "run.partial").glob("batch_*.npz"))
+    assert kept == ["batch_0.npz", "batch_1.npz"]
+    calls.clear()
+    monkeypatch.setattr(S, "sample_loop", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    _, got = S.sample_checkpoint(ckpt, tmp_path / "run", opts, progress=False)
+    assert len(calls) == 1  # only the missing batch
+    assert np.array_equal(np.load(got)["arr_0"], np.load(ref)["arr_0"])
+    assert not (tmp_path / "run.partial").exists()
+
+    S.PartialSamples(tmp_path / "x.partial", {"seed": 1}).save(0, np.zeros((2, 8, 8, 1), np.uint8), torch.zeros(4))
+    assert S.PartialSamples(tmp_path / "x.partial", {"seed": 2}).load(0) is None  # another key: discarded

@@ -48,19 +48,68 @@ def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch
 
 
 def generate(eps_model: torch.nn.Module, diffusion: Diffusion, shape: tuple[int, int, int],
-             opts: SampleOptions, progress: bool = True, device: torch.device | None = None) -> np.ndarray:
+             opts: SampleOptions, progress: bool = True, device: torch.device | None = None,
+             partial: "PartialSamples | None" = None) -> np.ndarray:
     """Sample ``opts.n`` images with a PyTorch epsilon model (on ``device``, default the CPU; the noise is
-    drawn on the CPU either way); returns uint8 NHWC."""
+    drawn on the CPU either way); returns uint8 NHWC.
+
+    With ``partial``, every finished batch is kept on disk with the sampler generator's state after it, and a
+    run interrupted and started again continues after the last kept batch with the same numbers."""
     sampler = make_sampler(opts.sampler, diffusion, eta=opts.eta, skip=opts.skip, clip_x0=opts.clip_x0)
     sampler.set_timesteps(opts.steps)
     x_T, g = initial_noise(opts.n, shape, opts.seed)
     out = []
     chunks = range(0, opts.n, opts.batch_size)
-    for s in tqdm(chunks, desc=f"sampling {opts.n} images", disable=not progress or len(chunks) == 1):
+    bar = tqdm(chunks, desc=f"sampling {opts.n} images", disable=not progress or len(chunks) == 1)
+    for i, s in enumerate(bar):
+        kept = partial.load(i) if partial is not None else None
+        if kept is not None:
+            images, state = kept
+            g.set_state(state)
+            out.append(images)
+            continue
         x = sample_loop(eps_model, sampler, x_T[s: s + opts.batch_size].to(device or "cpu"), g,
                         progress=progress and len(chunks) == 1, on_start=lambda: reset_state(eps_model))
         out.append(from_model_range(x.clamp(-1, 1).cpu().numpy()))
+        if partial is not None:
+            partial.save(i, out[-1], g.get_state())
     return np.concatenate(out)
+
+
+class PartialSamples:
+    """Finished sampling batches of one (checkpoint, options) pair in ``folder`` (``batch_<i>.npz``: the uint8
+    images and the generator state after them). ``key`` names what they were sampled from; batches kept under
+    another key are discarded, so a changed checkpoint or option never mixes into the result."""
+
+    def __init__(self, folder: str | os.PathLike, key: dict):
+        self.folder, self.key = Path(folder), json.loads(json.dumps(key))
+        meta = self.folder / "key.json"
+        try:
+            same = json.loads(meta.read_text()) == self.key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            self.clear()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(meta, json.dumps(self.key, indent=2))
+
+    def load(self, i: int) -> tuple[np.ndarray, torch.Tensor] | None:
+        path = self.folder / f"batch_{i}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["images"], torch.from_numpy(z["generator"].copy())
+        except (OSError, ValueError, KeyError):  # absent or torn: sample this batch again
+            return None
+
+    def save(self, i: int, images: np.ndarray, state: torch.Tensor) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, images=images, generator=state.numpy())
+        atomic_write(self.folder / f"batch_{i}.npz", buf.getvalue())
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def write_samples(images: np.ndarray, out: str | os.PathLike, meta: dict) -> tuple[Path, Path]:
@@ -79,14 +128,25 @@ def write_samples(images: np.ndarray, out: str | os.PathLike, meta: dict) -> tup
 
 def sample_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike, opts: SampleOptions,
                       use_ema: bool = True, progress: bool = True, device: str = "cpu") -> tuple[Path, Path]:
-    """Load a checkpoint, sample on ``device`` (auto | cpu | cuda[:N]), write grid + npz; returns their paths."""
+    """Load a checkpoint, sample on ``device`` (auto | cpu | cuda[:N]), write grid + npz; returns their paths.
+
+    Finished batches are kept in ``<out>.partial/`` until the npz is written, so an interrupted command run
+    again continues where it stopped (the same images as an uninterrupted run)."""
+    from ..files import file_sha256
     from .runtime import resolve_device
     from .train import load_model
 
     dev = resolve_device(device)
     model, spec, ckpt = load_model(ckpt_path, use_ema=use_ema)
     shape = (spec.unet.in_channels, spec.unet.resolution, spec.unet.resolution)
+    base = Path(out)
+    base = base.with_suffix("") if base.suffix.lower() in (".png", ".npz") else base
+    partial = PartialSamples(base.parent / f"{base.name}.partial",
+                             {"checkpoint_sha256": file_sha256(ckpt_path), "use_ema": use_ema, **opts.__dict__})
     with torch.no_grad():
-        images = generate(model.to(dev), Diffusion(spec.diffusion), shape, opts, progress=progress, device=dev)
+        images = generate(model.to(dev), Diffusion(spec.diffusion), shape, opts, progress=progress, device=dev,
+                          partial=partial)
     meta = {"checkpoint": str(ckpt_path), "step": ckpt["step"], **opts.__dict__}
-    return write_samples(images, out, meta)
+    paths = write_samples(images, out, meta)
+    partial.clear()
+    return paths
