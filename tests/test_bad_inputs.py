@@ -101,6 +101,7 @@ def w(tmp_path_factory):
     np.savez(d / "onesample.npz", arr_0=np.zeros((1, 32, 32, 1), np.uint8))
     np.savez(d / "badrange.npz", arr_0=np.full((8, 32, 32, 1), 300.0, np.float32))
     (d / "garbage.npz").write_bytes(os.urandom(256))
+    (d / "empty.npz").write_bytes(b"")
     (d / "emptydir").mkdir()
     # bench inputs
     (d / "convs_noshapes").mkdir()
@@ -212,6 +213,7 @@ def _cases():
         ("eval-one-sample", ["eval", P("onesample.npz"), "--ref", "digits", "--out", O("e4")], "2 samples"),
         ("eval-npz-nan", ["eval", P("nan.npz"), "--ref", "digits", "--out", O("e5")], "NaN"),
         ("eval-npz-garbage", ["eval", P("garbage.npz"), "--out", O("e6")], "garbage.npz"),
+        ("eval-npz-empty", ["eval", P("empty.npz"), "--out", O("e6b")], "empty.npz"),  # was click's "Aborted!"
         ("eval-wrong-suffix", ["eval", P("a_file"), "--out", O("e7")], "a_file"),
         ("eval-ckpt-empty", ["eval", P("empty.ckpt"), "--out", O("e8")], "empty.ckpt"),
         ("eval-n-0", ["eval", F("fp"), "--n", "0", "--out", O("e9")], "--n"),

@@ -2,9 +2,12 @@
 the report's numbers are the runs' own metrics, the orderings follow from them, a re-run reuses everything."""
 
 import json
+import os
 import subprocess
 
 import pytest
+
+import bdmtool
 
 from conftest import MICRO_UNET, bdmtool_cmd
 from bdmtool.trainer.replication import ARMS, TABLES, arms_for
@@ -68,7 +71,9 @@ def test_replicate_two_configurations_report_matches_the_runs_and_reruns_reuse(t
 def test_replicate_bad_arguments_are_one_line_errors(tmp_path):
     for args, words in ((["--tables", "nope"], "unknown table"), (["--only", "xnor_w1a1"], "is not a run of"),
                         (["--teacher", str(tmp_path / "missing.ckpt")], "not found"), (["--jobs", "0"], "--jobs"),
-                        (["--n", "0"], "--n must be >= 1")):
+                        (["--n", "0"], "--n must be >= 1"), (["--n", "1"], "--n must be >= 2"),
+                        (["--budget", "nan"], "finite number"),
+                        (["--teacher", os.path.join(bdmtool.ASSETS, "tiny_mnist_xnor_w1a1.ckpt")], "binarized")):
         r = _run(["--out", str(tmp_path / "o"), "--tables", "binarydm_t1", *args] if "--tables" not in args
                  else ["--out", str(tmp_path / "o"), *args], timeout=120)
         assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr[-1500:])

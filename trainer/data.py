@@ -20,6 +20,7 @@ import importlib.util
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -165,8 +166,9 @@ def load_npz(path: str) -> np.ndarray:
             if key is None:
                 raise DataError(f"{path} has arrays {z.files}; expected one named arr_0, images, x or samples")
             arr = z[key]
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy raises EOFError on an empty file
+        raise DataError(f"cannot read {path}: {e or type(e).__name__}; it should be an .npz of images (arr_0 "
+                        "[N,H,W,C] uint8), e.g. the one `bdmtool sample` writes") from None
     if arr.ndim == 3:
         arr = arr[..., None]
     if arr.ndim != 4:

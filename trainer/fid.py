@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -176,8 +177,11 @@ def reference_stats(images_u8: np.ndarray, description: dict, cache_dir: str | P
     key = h.hexdigest()[:16]
     path = Path(cache_dir) / f"fid_ref_{key}.npz" if cache_dir else None
     if path is not None and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            return Reference(z["mu"], z["sigma"], z["mu_s"], z["sigma_s"], z["pool3"], int(z["n"]), key)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return Reference(z["mu"], z["sigma"], z["mu_s"], z["sigma_s"], z["pool3"], int(z["n"]), key)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache file: compute the statistics again and replace it
     f = inception_features(images_u8, progress=progress, desc="reference features")
     (mu, sigma), (mu_s, sigma_s) = gaussian(f.pool3), gaussian(f.spatial)
     ref = Reference(mu, sigma, mu_s, sigma_s, f.pool3, len(images_u8), key)

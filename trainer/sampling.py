@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class PartialSamples:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return z["images"], torch.from_numpy(z["generator"].copy())
-        except (OSError, ValueError, KeyError):  # absent or torn: sample this batch again
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent or torn: sample it again
             return None
 
     def save(self, i: int, images: np.ndarray, state: torch.Tensor) -> None:

@@ -40,8 +40,8 @@ class ReplicationBudget:
     seeds: int = 3  # headline pairs are trained with seeds 0..seeds-1
 
     def scaled(self, k: float) -> "ReplicationBudget":
-        if k <= 0:
-            raise ValueError(f"--budget must be > 0, got {k}")
+        if not (k > 0 and k != float("inf")):  # also NaN
+            raise ValueError(f"--budget must be a finite number > 0, got {k}")
         return ReplicationBudget(max(1, round(self.steps * k)), self.batch_size, self.lr, self.warmup_steps,
                                  max(8, round(self.n_samples * k)), self.n_reference, self.sample_steps,
                                  self.sample_seed, self.seeds)
@@ -154,6 +154,13 @@ def run_replication(out: str | os.PathLike, tables: tuple[str, ...], budget: Rep
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if not Path(teacher).is_file():
         raise FileNotFoundError(f"teacher checkpoint {teacher} not found (pass --teacher FP_CHECKPOINT)")
+    if budget.n_samples < 2:
+        raise ValueError(f"--n must be >= 2 (FID needs two samples; 1,000 for claims), got {budget.n_samples}")
+    from bdmtool.trainer.checkpoint import read_spec
+
+    if read_spec(teacher).binarize is not None:
+        raise ValueError(f"--teacher {teacher} is a binarized checkpoint; the replication needs the full-precision "
+                         "model every arm starts from (the default: the embedded tiny_mnist_fp.ckpt)")
     threads = max(1, usable_cores() // jobs)
     scores: dict[str, dict] = {}
     log(f"[replicate] {len(arms)} runs ({', '.join(tables)}), {budget.steps} steps x batch {budget.batch_size}, "
