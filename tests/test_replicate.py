@@ -62,6 +62,8 @@ def test_replicate_two_configurations_report_matches_the_runs_and_reruns_reuse(t
     md = (out / "report.md").read_text()
     assert "BinaryDM W1A4 < Baseline W1A4" in md and ("✔" in md or "✘" in md)
     assert f"{rows['binarydm_w1a4']['fid']:.2f}" in md
+    held = sum(c["holds"] for t in rep["tables"] for c in t["claims"])
+    assert "## Summary" in md and f"{held} of {sum(len(t['claims']) for t in rep['tables'])} claimed" in md
 
     again = _run(args)
     assert again.returncode == 0 and again.stdout.count("(reused)") == 4, again.stdout[-2000:]

@@ -50,7 +50,23 @@ def summarize(scores: dict[str, dict], tables: tuple[str, ...]) -> dict:
             claims.append({"claim": c.text, "better": c.better, "worse": c.worse, "fid_better": fb, "fid_worse": fw,
                            "holds": fb < fw, "seeds_holding": sum(a < b for a, b in pairs), "seeds": len(pairs)})
         out.append({"key": tkey, "title": t.title, "source": t.source, "rows": rows, "claims": claims})
-    return {"tables": out}
+    seconds = sum(float(r.get("seconds") or 0.0) for r in scores.values())
+    return {"tables": out, "n_runs": len(scores), "run_seconds": round(seconds, 1)}
+
+
+def summary_markdown(summary: dict) -> str:
+    """Every claimed ordering of every table in one table (what the README shows)."""
+    lines = ["| table | claimed ordering | FID (ours) | holds |", "|---|---|---|:-:|"]
+    for t in summary["tables"]:
+        for c in t["claims"]:
+            seeds = f" ({c['seeds_holding']}/{c['seeds']} seeds)" if c["seeds"] > 1 else ""
+            lines.append(f"| {t['title'].split(':')[0]} | {c['claim']} | {c['fid_better']:.2f} vs "
+                         f"{c['fid_worse']:.2f} | {'✔' if c['holds'] else '✘'}{seeds} |")
+    held = sum(c["holds"] for t in summary["tables"] for c in t["claims"])
+    total = sum(len(t["claims"]) for t in summary["tables"])
+    lines += ["", f"{held} of {total} claimed orderings hold; {summary['n_runs']} runs, "
+                  f"{summary['run_seconds'] / 3600:.1f} h of training, sampling and scoring in all (one core each)."]
+    return "\n".join(lines)
 
 
 def _f(v, fmt=".2f") -> str:
@@ -65,7 +81,7 @@ def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, envi
              f"{b.n_samples} DDIM-{b.sample_steps} samples (seed {b.sample_seed}, x0 clipping) vs {b.n_reference} "
              "images of the teacher's training data (MNIST-5k for the embedded teacher). The papers' FIDs are on "
              "other datasets and models: compare orderings, not values.",
-             "", f"Environment: {json.dumps(environment)}", ""]
+             "", f"Environment: {json.dumps(environment)}", "", "## Summary", "", summary_markdown(summary), ""]
     for t in summary["tables"]:
         lines += [f"## {t['title']}", "", f"Paper numbers: {t['source']}.", "",
                   "| run | paper FID | FID (ours) | sFID | precision | recall | final loss | seeds |",
@@ -88,6 +104,7 @@ def write_report(out: str | os.PathLike, scores: dict[str, dict], tables: tuple[
     summary = summarize(scores, tables)
     out = Path(out)
     doc = {"budget": budget.__dict__, "teacher": teacher, "environment": environment, **summary,
+           "summary_markdown": summary_markdown(summary),
            "runs": {k: {kk: v for kk, v in r.items() if kk not in ("params", "reused")} for k, r in scores.items()}}
     md, js = out / "report.md", out / "report.json"
     atomic_write(js, json.dumps(doc, indent=2))
