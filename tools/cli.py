@@ -171,8 +171,8 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, ben
 @click.option("--tables", default="all", show_default=True,
               help="Comma-separated: binarydm_t1, binarydm_t7, bidm_t1, bidm_ablation (or all).")
 @click.option("--budget", type=float, default=1.0, show_default=True,
-              help="Scale QAT steps (600) and samples per run (1,000).")
-@click.option("--steps", type=int, default=None, help="QAT steps per run [default: 600 x budget].")
+              help="Scale QAT steps (2,000) and samples per run (1,000).")
+@click.option("--steps", type=int, default=None, help="QAT steps per run [default: 2,000 x budget].")
 @click.option("--n", type=int, default=None, help="Samples per run for FID [default: 1,000 x budget].")
 @click.option("--ref-limit", type=int, default=None, help="MNIST-5k reference images [default: all 5,000].")
 @click.option("--seeds", type=int, default=None, help="Training seeds of the headline pairs [default: 3].")
