@@ -83,7 +83,10 @@ def train(preset, data, method, wbits, abits, teacher, init, steps, out, overrid
 
     if method is not None and teacher is None:
         teacher = str(DEFAULT_CKPT)
-    overrides = (*overrides, *([f"train.device={device}"] if device else []), *(["train.precision=bf16"] if bf16 else []))
+    if device:
+        overrides += (f"train.device={device}",)
+    if bf16:
+        overrides += ("train.precision=bf16",)
     spec = build_train_spec(preset, data, steps, overrides, method=method,
                             abits=None if abits is None else int(abits), teacher=teacher, init=init)
     path = run(spec, out, resume=not no_resume)

@@ -193,8 +193,9 @@ class BinaryConv2d(nn.Module):
 
         1-bit: |x + threshold| (the sign's boundary is 0; DoReFa's {0, 1} codes: |x - 1/2|); LSQ: distance
         of x/step to the nearest rounding boundary k + 0.5 (inside the clamp range), times step. Two
-        implementations whose float results differ by less than this margin quantize identically. Exact zeros are skipped: they come
-        from explicit padding (the Downsample's border) and every implementation reproduces them exactly.
+        implementations whose float results differ by less than this margin quantize identically. Exact zeros
+        are skipped: they come from explicit padding (the Downsample's border) and every implementation
+        reproduces them exactly.
         """
         if not bool(self.active) or self.cfg.abits == 32:
             return torch.full((x.shape[0],), float("inf"))

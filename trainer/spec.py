@@ -10,6 +10,7 @@ import dataclasses
 from typing import Literal
 
 from .config import Config, ConfigError, check
+from .runtime import parse_device
 
 SPEC_VERSION = 1
 
@@ -128,7 +129,7 @@ class TrainConfig(Config):
     ckpt_every: int = 500
     threads: int = 0  # torch intra-op threads per process (0 = leave torch's default)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N; where it runs, not what it computes
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the step (docs/methods.md, "bf16 training")
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the step (docs/methods.md, "Training speed")
 
     def validate(self) -> None:
         check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -141,9 +142,7 @@ class TrainConfig(Config):
         check(0.0 <= self.lr_final_ratio <= 1.0, f"train.lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
         check(self.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {self.threads}")
         check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        check(self.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {self.precision!r}")
-        check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
-                                                       and self.device[5:].isdigit()),
+        check(parse_device(self.device) is not None,
               f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 

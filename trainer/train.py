@@ -83,8 +83,10 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
     return out
 
 
-def make_batch(images_u8: torch.Tensor, spec: TrainSpec, step: int, env: DistEnv):
-    """This rank's slice of the global batch at ``step``: (x0 in [-1,1], t, noise)."""
+def make_batch(images_u8: torch.Tensor, spec: TrainSpec, step: int, env: DistEnv,
+               device: torch.device = torch.device("cpu")):
+    """This rank's slice of the global batch at ``step``: (x0 in [-1,1], t, noise), drawn on the CPU (the same
+    numbers on every device) and moved to ``device``."""
     tc = spec.train
     idx = batch_indices(len(images_u8), tc.batch_size, step, tc.seed)
     g = _generator(tc.seed, 2, step)
@@ -96,7 +98,7 @@ def make_batch(images_u8: torch.Tensor, spec: TrainSpec, step: int, env: DistEnv
     noise = torch.randn(x0.shape, generator=g)
     per = tc.batch_size // env.world
     sl = slice(env.rank * per, (env.rank + 1) * per)
-    return x0[sl], t[sl], noise[sl]
+    return x0[sl].to(device), t[sl].to(device), noise[sl].to(device)
 
 
 @torch.no_grad()
@@ -176,9 +178,9 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
         ema = build_model(spec)
         ema.load_state_dict(model.state_dict())
         ema.eval().requires_grad_(False)
-        model.to(device), ema.to(device)
-        if teacher is not None:
-            teacher.to(device)
+        for net_ in (model, ema, teacher):
+            if net_ is not None:
+                net_.to(device)
         objective = TrainingObjective(spec, diffusion, model, teacher)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
                                 weight_decay=tc.weight_decay)
@@ -196,7 +198,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
                 objective.distiller.to(device)
             start = ckpt["step"]
         else:
-            objective.prepare(*(v.to(device) for v in make_batch(images, spec, 0, env)))
+            objective.prepare(*make_batch(images, spec, 0, env, device))
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "spec.json", spec.to_json())
@@ -224,7 +226,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
         saved = start if state_path.exists() else None
         t_last = time.perf_counter()
         for step in bar:
-            x0, t, noise = (v.to(device) for v in make_batch(images, spec, step, env))
+            x0, t, noise = make_batch(images, spec, step, env, device)
             torch.manual_seed(_generator(tc.seed, 3, step, env.rank).initial_seed())  # dropout
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, spec)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bdmtool.files import atomic_write
+from bdmtool.trainer.runtime.threads import allowed_cpus
 
 from .tables import Arm, arms_for
 
@@ -124,14 +125,6 @@ def run_arm(arm: Arm, b: ReplicationBudget, teacher: str, out: str, threads: int
     return record
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (``taskset -c 0 bdmtool replicate`` leaves one core free for other work)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def environment(jobs: int) -> dict:
     """What the numbers were measured on (the report records it)."""
     import platform
@@ -146,13 +139,14 @@ def environment(jobs: int) -> dict:
                    if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"bdmtool": bdmtool.__version__, "torch": torch.__version__, "cpu": cpu, "cores": usable_cores(),
+    return {"bdmtool": bdmtool.__version__, "torch": torch.__version__, "cpu": cpu, "cores": len(allowed_cpus()),
             "jobs": jobs, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def run_replication(out: str | os.PathLike, tables: tuple[str, ...], budget: ReplicationBudget, teacher: str,
                     jobs: int = 1, only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Every arm of ``tables`` (``jobs`` at a time, each on usable cores // jobs threads); returns {key: score}."""
+    """Every arm of ``tables`` (``jobs`` at a time, each on (cores of the CPU affinity) // jobs threads);
+    returns {key: score}."""
     arms = arms_for(tables, budget.seeds, only)
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
@@ -165,7 +159,7 @@ def run_replication(out: str | os.PathLike, tables: tuple[str, ...], budget: Rep
     if read_spec(teacher).binarize is not None:
         raise ValueError(f"--teacher {teacher} is a binarized checkpoint; the replication needs the full-precision "
                          "model every arm starts from (the default: the embedded tiny_mnist_fp.ckpt)")
-    threads = max(1, usable_cores() // jobs)
+    threads = max(1, len(allowed_cpus()) // jobs)
     scores: dict[str, dict] = {}
     log(f"[replicate] {len(arms)} runs ({', '.join(tables)}), {budget.steps} steps x batch {budget.batch_size}, "
         f"N = {budget.n_samples}, {jobs} at a time on {threads} thread(s) each")

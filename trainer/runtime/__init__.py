@@ -6,8 +6,17 @@ and the random draws of training and sampling come from CPU generators, so a run
 noise are the same numbers on every device.
 """
 
-_LAZY = {"move_to_cpu": "device", "resolve_device": "device", "DEVICE_CHOICES": "device", "autocast": "precision",
-         "PRECISIONS": "precision"}
+_LAZY = {"move_to_cpu": "device", "resolve_device": "device", "autocast": "precision", "PRECISIONS": "precision"}
+
+
+def parse_device(name: str) -> tuple[str, int | None] | None:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` as (kind, index or None); None when ``name`` is none of them.
+    Torch-free, so configs validate device names without loading torch."""
+    name = (name or "auto").strip().lower()
+    if name in ("auto", "cpu", "cuda"):
+        return name, None
+    kind, _, index = name.partition(":")
+    return (kind, int(index)) if kind == "cuda" and index.isdigit() else None
 
 
 def __getattr__(name: str):  # torch loads only when device/precision is used (threads must run before it)
@@ -18,4 +27,4 @@ def __getattr__(name: str):  # torch loads only when device/precision is used (t
     raise AttributeError(name)
 
 
-__all__ = list(_LAZY)
+__all__ = [*_LAZY, "parse_device"]

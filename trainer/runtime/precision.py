@@ -3,7 +3,7 @@
 bf16 runs convolutions and matrix products in bfloat16 (AVX-512 BF16 on CPU, tensor cores on GPU) and keeps
 weights, optimizer state, quantizer step sizes, losses and gradients' accumulation in fp32. The binarizers see
 the same values (sign and LSQ levels are computed in the dtype of their input); the measured effect on the loss
-curve is in docs/methods.md ("bf16 training").
+curve is in docs/methods.md ("Training speed").
 """
 
 from __future__ import annotations

@@ -58,18 +58,22 @@ class ThreadChoice:
     note: str  # one line for the user ("" when nothing was decided)
 
 
+def _threads_env(n: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(n), "TF_NUM_INTRAOP_THREADS": str(n), "TF_NUM_INTEROP_THREADS": "1"}
+
+
 def decide(cores: int, busy: float | None, environ: dict[str, str]) -> ThreadChoice:
     """The policy as a pure function (tested without a busy machine)."""
     if environ.get("BDMTOOL_THREADS"):
         n = environ["BDMTOOL_THREADS"]
         if not n.isdigit() or int(n) < 1:
             raise ValueError(f"BDMTOOL_THREADS={n!r}: give a whole number of threads >= 1")
-        return ThreadChoice({"OMP_NUM_THREADS": n, "TF_NUM_INTRAOP_THREADS": n, "TF_NUM_INTEROP_THREADS": "1"}, "")
+        return ThreadChoice(_threads_env(int(n)), "")
     if environ.get("OMP_NUM_THREADS") or busy is None or busy < 0.5:
         return ThreadChoice({}, "")
     n = max(1, int(cores - busy + 0.5))
-    env = {"OMP_NUM_THREADS": str(n), "TF_NUM_INTRAOP_THREADS": str(n), "TF_NUM_INTEROP_THREADS": "1"}
-    if n > 1 and "OMP_WAIT_POLICY" not in environ:
+    env = _threads_env(n)
+    if n > 1 and "OMP_WAIT_POLICY" not in environ:  # the user's own wait policy stays
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return ThreadChoice(env, f"[bdmtool] {busy:.1f} of {cores} cores are busy with other processes: running on "
                              f"{n} thread{'s' if n > 1 else ''} (set BDMTOOL_THREADS=N to choose)")
@@ -80,6 +84,5 @@ def choose_threads(environ=os.environ, interval: float = 0.2) -> ThreadChoice:
     measure = not (environ.get("BDMTOOL_THREADS") or environ.get("OMP_NUM_THREADS"))
     cpus = allowed_cpus()
     choice = decide(len(cpus), busy_cores(interval, cpus) if measure else None, dict(environ))
-    for k, v in choice.env.items():
-        environ.setdefault(k, v) if k == "OMP_WAIT_POLICY" else environ.__setitem__(k, v)
+    environ.update(choice.env)
     return choice
