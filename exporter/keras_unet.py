@@ -155,7 +155,9 @@ class UNetBuilder:
         def table(key):
             return (self.w.get(f"dc_bypass.{key}", (buckets,)) * b["dc_bypass_lr_scale"]).astype(np.float32)
 
-        tabs = [table("gain_raw")] + ([table("remove_raw"), table("offset_raw")] if mode == "timestep_affine" else [])
+        keys = {"timestep_gain": ["gain_raw"], "timestep_affine": ["gain_raw", "remove_raw", "offset_raw"],
+                "timestep_skip": ["gain_raw", "remove_raw", "offset_raw", "shrink_raw", "skip_raw"]}[mode]
+        tabs = [table(k) for k in keys]
         self.float_layers["dc_bypass"] = (
             "float MEAN over H, W, GATHER of the timestep gain, MUL, ADD" if len(tabs) == 1
             else "float MEANs over H, W, GATHERs of the timestep tables, MUL, SUB, ADD")
@@ -164,10 +166,14 @@ class UNetBuilder:
             e_, x_, t_ = z
             idx = tf.reshape(timestep_bucket(t_, buckets, T), [-1])
             g, *rest = [tf.reshape(tf.gather(tf.constant(v), idx), [-1, 1, 1, 1]) for v in tabs]
-            out = e_ + g * tf.reduce_mean(x_, axis=[1, 2], keepdims=True)
+            x_dc, e_dc = tf.reduce_mean(x_, axis=[1, 2], keepdims=True), tf.reduce_mean(e_, axis=[1, 2], keepdims=True)
+            out = e_ + g * x_dc
             if rest:
-                h, c = rest
-                out = out - h * tf.reduce_mean(e_, axis=[1, 2], keepdims=True) + c
+                h, c, *skip = rest
+                out = out - h * e_dc + c
+                if skip:
+                    r, s = skip
+                    out = out - r * (e_ - e_dc) + s * (x_ - x_dc)
             return out
 
         return keras.layers.Lambda(add, name="dc_bypass")([eps, x, t])

@@ -132,6 +132,30 @@ def test_affine_dc_bypass_replaces_the_image_mean_and_starts_as_the_plain_studen
     assert all(p.grad[9] != 0 and p.grad[1] == 0 for p in (tabs.gain_raw, tabs.remove_raw, tabs.offset_raw))
 
 
+def test_skip_bypass_adds_a_per_pixel_float_skip_and_starts_as_the_plain_student():
+    """binarize.dc_bypass=timestep_skip: the affine path - r[b] (eps - mean eps) + s[b] (x - mean x); all tables
+    start at 0, and h = r = s = g = 1, c = 0 gives eps = x_t exactly (what the teacher approaches at t = T)."""
+    plain = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(dc_bypass="none"))
+    model = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(
+        dc_bypass="timestep_skip", dc_bypass_buckets=10))
+    model.load_state_dict(plain.state_dict(), strict=False)
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0.0, 450.0, 999.0])
+    base = plain(x, t)
+    assert torch.equal(model(x, t), base)
+    tabs, s = model.dc_bypass, model.dc_bypass.lr_scale
+    with torch.no_grad():
+        for p in (tabs.remove_raw, tabs.gain_raw, tabs.shrink_raw, tabs.skip_raw):
+            p[9] = 1.0 / s  # the bucket of t = 999 only
+        tabs.skip_raw[4] = 0.5 / s  # t = 450: half a pixel skip on top of the plain output
+    got = model(x, t)
+    assert torch.allclose(got[2], x[2], atol=1e-5)
+    assert torch.equal(got[0], base[0])
+    assert torch.allclose(got[1], base[1] + 0.5 * (x[1] - x[1].mean()), atol=1e-5)
+    model(x, t).square().mean().backward()
+    assert all(p.grad[9] != 0 and p.grad[1] == 0 for p in (tabs.shrink_raw, tabs.skip_raw))
+    assert set(tabs.tables()) == {"gain", "remove", "offset", "shrink", "skip"}
+
+
 def test_log_lsq_step_computes_the_same_layer_and_stays_positive():
     """binarize.lsq_step=log: the parameter is log(step); the layer equals the learned-step layer at the same step,
     the deployed step is exp(log_step), and steps that Adam would drive through zero stay positive."""

@@ -105,7 +105,7 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
             assert r.output.strip().splitlines()[-1].startswith("Error:") and "truncated or damaged" in r.output
 
 
-@pytest.mark.parametrize("mode", ["timestep_gain", "timestep_affine"])
+@pytest.mark.parametrize("mode", ["timestep_gain", "timestep_affine", "timestep_skip"])
 def test_dc_bypass_exports_as_float_ops_with_parity(tmp_path, teacher, mode):
     """binarize.dc_bypass: eps + g[b(t)] mean_hw(x) (and - h[b(t)] mean_hw(eps) + c[b(t)] in affine mode) becomes
     builtin MEAN/GATHER/MUL/ADD in the .tflite. On a W1A32 student (no activation quantizer, so no level flips)
@@ -117,8 +117,10 @@ def test_dc_bypass_exports_as_float_ops_with_parity(tmp_path, teacher, mode):
                                                           "binarize.dc_bypass_lr_scale=1000"])
     tables = load_model(ckpt)[0].dc_bypass.tables()
     assert tables["gain"].abs().max() > 3e-2  # x_t means of ~0.05 then move eps by > 1e-3, far above the 1e-4 gate
-    if mode == "timestep_affine":
+    if mode != "timestep_gain":
         assert tables["remove"].abs().max() > 3e-2 and tables["offset"].abs().max() > 1e-3
+    if mode == "timestep_skip":
+        assert tables["skip"].abs().max() > 3e-2 and tables["shrink"].abs().max() > 3e-2
     res = export_checkpoint(ckpt, tmp_path / "e", log=lambda s: None)
     assert res.report["float_layers"]["dc_bypass"].startswith("float MEAN")
     assert "GATHER" in res.report["ops"] and not res.report.get("fallbacks")

@@ -272,6 +272,9 @@ class DCBypass(nn.Module):
     - ``timestep_gain``:   eps + g[b(t)] * mean_hw(x_t)
     - ``timestep_affine``: eps - h[b(t)] * mean_hw(eps) + g[b(t)] * mean_hw(x_t) + c[b(t)]
       (h = 1 replaces the network's own image mean by a float affine function of the input's mean).
+    - ``timestep_skip``: the affine path, then - r[b(t)] * (eps - mean_hw(eps)) + s[b(t)] * (x_t - mean_hw(x_t)):
+      a float per-pixel skip of x_t (at high t, eps ~ x_t, which binary layers pass through poorly) that can
+      also shrink the network's own per-pixel output (r = s = 1 at t = T is eps = x_t).
 
     A binary U-Net quantizes away the per-image mean of x_t (about 1/32 of a pixel's noise, far below one
     activation level), yet at high t the mean of the noise is almost exactly the mean of x_t, and DDIM
@@ -285,18 +288,21 @@ class DCBypass(nn.Module):
         super().__init__()
         self.buckets, self.timesteps, self.lr_scale = buckets, timesteps, lr_scale
         self.gain_raw = nn.Parameter(torch.zeros(buckets))
-        self.remove_raw = nn.Parameter(torch.zeros(buckets)) if mode == "timestep_affine" else None
-        self.offset_raw = nn.Parameter(torch.zeros(buckets)) if mode == "timestep_affine" else None
+        affine, skip = mode in ("timestep_affine", "timestep_skip"), mode == "timestep_skip"
+        self.remove_raw = nn.Parameter(torch.zeros(buckets)) if affine else None
+        self.offset_raw = nn.Parameter(torch.zeros(buckets)) if affine else None
+        self.shrink_raw = nn.Parameter(torch.zeros(buckets)) if skip else None
+        self.skip_raw = nn.Parameter(torch.zeros(buckets)) if skip else None
 
     def gains(self) -> torch.Tensor:
         return self.gain_raw * self.lr_scale
 
     def tables(self) -> dict[str, torch.Tensor]:
-        """{"gain", "remove", "offset"} per bucket (remove/offset are 0 in gain mode)."""
+        """{"gain", "remove", "offset", "shrink", "skip"} per bucket (0 where the mode has no such table)."""
         z = torch.zeros_like(self.gain_raw)
         return {"gain": self.gains(),
-                "remove": z if self.remove_raw is None else self.remove_raw * self.lr_scale,
-                "offset": z if self.offset_raw is None else self.offset_raw * self.lr_scale}
+                **{k: z if getattr(self, f"{k}_raw") is None else getattr(self, f"{k}_raw") * self.lr_scale
+                   for k in ("remove", "offset", "shrink", "skip")}}
 
     def hook(self, module: nn.Module, args: tuple, eps: torch.Tensor) -> torch.Tensor:
         x, t = args[0], args[1]
@@ -307,9 +313,12 @@ class DCBypass(nn.Module):
         def at(raw):
             return (raw * self.lr_scale)[idx].reshape(-1, 1, 1, 1)
 
-        out = eps + at(self.gain_raw) * x.mean(dim=(2, 3), keepdim=True)
+        x_dc, eps_dc = x.mean(dim=(2, 3), keepdim=True), eps.mean(dim=(2, 3), keepdim=True)
+        out = eps + at(self.gain_raw) * x_dc
         if self.remove_raw is not None:
-            out = out - at(self.remove_raw) * eps.mean(dim=(2, 3), keepdim=True) + at(self.offset_raw)
+            out = out - at(self.remove_raw) * eps_dc + at(self.offset_raw)
+        if self.skip_raw is not None:
+            out = out - at(self.shrink_raw) * (eps - eps_dc) + at(self.skip_raw) * (x - x_dc)
         return out
 
 

@@ -192,8 +192,9 @@ class BinarizeConfig(Config):
     act_pad: Literal["top", "zero"] = "top"
     # Float path for the image mean (bdmtool, not in the papers), see binarize.DCBypass:
     # timestep_gain: eps + g[b(t)] mean_hw(x_t);
-    # timestep_affine: eps - h[b(t)] mean_hw(eps) + g[b(t)] mean_hw(x_t) + c[b(t)].
-    dc_bypass: Literal["none", "timestep_gain", "timestep_affine"] = "none"
+    # timestep_affine: eps - h[b(t)] mean_hw(eps) + g[b(t)] mean_hw(x_t) + c[b(t)];
+    # timestep_skip: the affine path - r[b(t)] (eps - mean_hw eps) + s[b(t)] (x_t - mean_hw x_t) (per-pixel skip).
+    dc_bypass: Literal["none", "timestep_gain", "timestep_affine", "timestep_skip"] = "none"
     dc_bypass_buckets: int = 20  # gains per t // (T / buckets)
     dc_bypass_lr_scale: float = 100.0  # g = lr_scale * g_raw: the gains learn lr_scale times faster under Adam
 
