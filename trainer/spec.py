@@ -230,10 +230,10 @@ class BinarizeConfig(Config):
         if abits is not None and abits != cfg.abits:
             act = {1: cfg.act if cfg.abits == 1 else "ste_sign", 32: "identity"}.get(abits, "lsq")
             cfg = cfg.replace(abits=abits, act=act, act_scale=cfg.act_scale if abits == 1 else "none")
-        # bdmtool's float DC path for every method and LSQ steps learned in log space (docs/methods.md, "Students
-        # that draw", "LSQ steps and the DC path"); --set binarize.dc_bypass=none --set binarize.lsq_step=learned
-        # is the papers' recipe.
-        return cfg.replace(dc_bypass="timestep_affine", lsq_step="log" if cfg.act == "lsq" else cfg.lsq_step)
+        # bdmtool's float DC path and per-pixel skip for every method, and LSQ steps learned in log space
+        # (docs/methods.md, "Students that draw", "LSQ steps and the DC path", "A float skip of x_t");
+        # --set binarize.dc_bypass=none --set binarize.lsq_step=learned is the papers' recipe.
+        return cfg.replace(dc_bypass="timestep_skip", lsq_step="log" if cfg.act == "lsq" else cfg.lsq_step)
 
 
 _BIDM_FP = ("conv_in", "conv_out", "temb.dense.*", "*.nin_shortcut")

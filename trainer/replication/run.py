@@ -48,11 +48,16 @@ class ReplicationBudget:
                                  self.sample_seed, self.seeds)
 
 
+# The student recipe every replication arm shares (bdmtool's affine DC path, fixed when the 2,000-step run began),
+# pinned so that a later change of the students' defaults neither restarts nor silently mixes a running table.
+RECIPE = ("binarize.dc_bypass=timestep_affine",)
+
+
 def arm_overrides(arm: Arm, b: ReplicationBudget, threads: int) -> list[str]:
     return [f"train.seed={arm.seed}", f"train.batch_size={b.batch_size}", f"train.lr={b.lr}",
             "train.lr_decay=cosine", f"train.warmup_steps={min(b.warmup_steps, max(b.steps // 4, 1))}",
             "train.log_every=25", f"train.ckpt_every={max(min(100, b.steps // 4), 1)}", f"train.threads={threads}",
-            *arm.overrides]
+            *RECIPE, *arm.overrides]
 
 
 def arm_command(arm: Arm, b: ReplicationBudget, teacher: str, threads: int) -> str:
