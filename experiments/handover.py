@@ -26,7 +26,7 @@ from bdmtool.trainer.binarize import reset_state
 from bdmtool.trainer.data import from_model_range
 from bdmtool.trainer.sampling import initial_noise, write_samples
 from bdmtool.trainer.samplers import make_sampler, sample_loop
-from bdmtool.trainer.spec import read_spec
+from bdmtool.trainer.checkpoint import read_spec
 from bdmtool.trainer.train import load_model
 from bdmtool.tools.evaluate import cache_dir
 
