@@ -153,7 +153,9 @@ class UNetBuilder:
         buckets, T = b["dc_bypass_buckets"], self.meta["spec"]["diffusion"]["timesteps"]
 
         def table(key):
-            return (self.w.get(f"dc_bypass.{key}", (buckets,)) * b["dc_bypass_lr_scale"]).astype(np.float32)
+            pixel = key in ("shrink_raw", "skip_raw")  # trainer.binarize.DCBypass.PIXEL_TABLES
+            scale = (b.get("dc_bypass_skip_lr_scale") or b["dc_bypass_lr_scale"]) if pixel else b["dc_bypass_lr_scale"]
+            return (self.w.get(f"dc_bypass.{key}", (buckets,)) * scale).astype(np.float32)
 
         keys = {"timestep_gain": ["gain_raw"], "timestep_affine": ["gain_raw", "remove_raw", "offset_raw"],
                 "timestep_skip": ["gain_raw", "remove_raw", "offset_raw", "shrink_raw", "skip_raw"]}[mode]

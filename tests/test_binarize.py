@@ -142,11 +142,11 @@ def test_skip_bypass_adds_a_per_pixel_float_skip_and_starts_as_the_plain_student
     x, t = torch.randn(3, 1, 32, 32), torch.tensor([0.0, 450.0, 999.0])
     base = plain(x, t)
     assert torch.equal(model(x, t), base)
-    tabs, s = model.dc_bypass, model.dc_bypass.lr_scale
+    tabs = model.dc_bypass
     with torch.no_grad():
-        for p in (tabs.remove_raw, tabs.gain_raw, tabs.shrink_raw, tabs.skip_raw):
-            p[9] = 1.0 / s  # the bucket of t = 999 only
-        tabs.skip_raw[4] = 0.5 / s  # t = 450: half a pixel skip on top of the plain output
+        for name in ("remove", "gain", "shrink", "skip"):
+            getattr(tabs, f"{name}_raw")[9] = 1.0 / tabs.scale(name)  # the bucket of t = 999 only
+        tabs.skip_raw[4] = 0.5 / tabs.scale("skip")  # t = 450: half a pixel skip on top of the plain output
     got = model(x, t)
     assert torch.allclose(got[2], x[2], atol=1e-5)
     assert torch.equal(got[0], base[0])
@@ -154,6 +154,10 @@ def test_skip_bypass_adds_a_per_pixel_float_skip_and_starts_as_the_plain_student
     model(x, t).square().mean().backward()
     assert all(p.grad[9] != 0 and p.grad[1] == 0 for p in (tabs.shrink_raw, tabs.skip_raw))
     assert set(tabs.tables()) == {"gain", "remove", "offset", "shrink", "skip"}
+    assert tabs.scale("skip") == tabs.scale("gain") == 100  # dc_bypass_skip_lr_scale=0: the same as the DC tables
+    own = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(
+        dc_bypass="timestep_skip", dc_bypass_skip_lr_scale=10.0)).dc_bypass
+    assert (own.scale("gain"), own.scale("remove"), own.scale("shrink"), own.scale("skip")) == (100, 100, 10, 10)
 
 
 def test_log_lsq_step_computes_the_same_layer_and_stays_positive():

@@ -114,7 +114,8 @@ def test_dc_bypass_exports_as_float_ops_with_parity(tmp_path, teacher, mode):
     from bdmtool.trainer.train import load_model
 
     ckpt = _qat(teacher, tmp_path, "baseline", 32, extra=[f"binarize.dc_bypass={mode}", "train.lr=1e-3",
-                                                          "binarize.dc_bypass_lr_scale=1000"])
+                                                          "binarize.dc_bypass_lr_scale=1000",
+                                                          "binarize.dc_bypass_skip_lr_scale=1000"])
     tables = load_model(ckpt)[0].dc_bypass.tables()
     assert tables["gain"].abs().max() > 3e-2  # x_t means of ~0.05 then move eps by > 1e-3, far above the 1e-4 gate
     if mode != "timestep_gain":

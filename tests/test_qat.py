@@ -40,7 +40,10 @@ def _eval_loss(spec, model, teacher_model, batch):
                                           ("bidm", 1), ("xnor", 1), ("xnorpp", 1), ("dorefa", 1),
                                           ("reactnet", 1), ("reste", 1), ("bbcu", 1)])
 def test_twenty_step_qat_lowers_the_loss(tmp_path, teacher, method, abits):
-    spec = _qat_spec(teacher, method, abits)
+    """Each method's binarizers learn. Run on the papers' recipe (no float DC path): its tables move ~100x faster
+    than the weights, and 20 steps with 2 warm-up steps measure their transient, not the method (on the
+    baseline-32 micro student 0.053 -> 0.025 without the path, 0.047 affine, 0.049 skip; docs/methods.md)."""
+    spec = _qat_spec(teacher, method, abits, 20, "binarize.dc_bypass=none")
     start, tmodel = build_student(spec)
     images = torch.from_numpy(__import__("bdmtool.trainer.data", fromlist=["x"]).load_images(spec.data))
     first = make_batch(images, spec, 0, DistEnv())
@@ -113,7 +116,11 @@ def test_packed_checkpoint_samples_like_the_original(tmp_path, teacher, method, 
     from bdmtool.tools.pack import pack_checkpoint
     from bdmtool.trainer.checkpoint import CheckpointError
 
-    src = train(_qat_spec(teacher, method, abits, 3), tmp_path / method, progress=False)
+    # The image check runs on the affine DC path: with the per-pixel skip (the default) the 3-step micro W1A1
+    # students' 4-step trajectories pass within an ulp of a sign boundary and one flip changes a whole image,
+    # although pack reproduces eps to 1e-6 (checked on the default recipe at the end).
+    src = train(_qat_spec(teacher, method, abits, 3, "binarize.dc_bypass=timestep_affine"), tmp_path / method,
+                progress=False)
     info = pack_checkpoint(src, tmp_path / "packed.ckpt", log=lambda s: None)
     assert info["layers"] > 10 and info["bytes"] < 0.5 * src.stat().st_size and info["max_abs_diff"] <= 1e-4
     opts = SampleOptions(n=2, steps=4, seed=3)
@@ -123,6 +130,8 @@ def test_packed_checkpoint_samples_like_the_original(tmp_path, teacher, method, 
     assert np.abs(a - b).max() <= 2  # mean|W| recomputed from +-mean|W| may differ by an ulp: pixel rounding
     with pytest.raises(CheckpointError, match="state.ckpt"):
         sample_checkpoint(tmp_path / "packed.ckpt", tmp_path / "c", opts, use_ema=False, progress=False)
+    default = train(_qat_spec(teacher, method, abits, 3), tmp_path / "default", progress=False)
+    assert pack_checkpoint(default, tmp_path / "packed_default.ckpt", log=lambda s: None)["max_abs_diff"] <= 1e-4
 
 
 def test_teacher_must_be_full_precision_and_match(tmp_path, teacher):

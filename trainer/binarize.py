@@ -280,19 +280,28 @@ class DCBypass(nn.Module):
     activation level), yet at high t the mean of the noise is almost exactly the mean of x_t, and DDIM
     multiplies an error in it by sqrt((1 - abar) / abar) ~ 100. Every parameter starts at 0 (the student
     starts as the plain binarized teacher) and is stored raw with value = ``lr_scale`` * raw so that Adam
-    moves it ``lr_scale`` times faster than the weights. It runs as a forward hook on the whole U-Net, which
+    moves it ``lr_scale`` times faster than the weights (``skip_lr_scale``, default the same, for the per-pixel
+    tables r and s; 10 was too slow for them in a 600-step A/B, docs/methods.md). It runs as a forward hook on the whole U-Net, which
     stays unaware of it; the exporter writes it with MEAN, GATHER, MUL, ADD (and SUB).
     """
 
-    def __init__(self, buckets: int, timesteps: int, lr_scale: float, mode: str = "timestep_gain"):
+    TABLES = ("gain", "remove", "offset", "shrink", "skip")
+    PIXEL_TABLES = ("shrink", "skip")  # scaled by ``skip_lr_scale``: they move every pixel, not one mean
+
+    def __init__(self, buckets: int, timesteps: int, lr_scale: float, mode: str = "timestep_gain",
+                 skip_lr_scale: float | None = None):
         super().__init__()
         self.buckets, self.timesteps, self.lr_scale = buckets, timesteps, lr_scale
-        self.gain_raw = nn.Parameter(torch.zeros(buckets))
+        self.skip_lr_scale = skip_lr_scale or lr_scale
         affine, skip = mode in ("timestep_affine", "timestep_skip"), mode == "timestep_skip"
+        self.gain_raw = nn.Parameter(torch.zeros(buckets))
         self.remove_raw = nn.Parameter(torch.zeros(buckets)) if affine else None
         self.offset_raw = nn.Parameter(torch.zeros(buckets)) if affine else None
         self.shrink_raw = nn.Parameter(torch.zeros(buckets)) if skip else None
         self.skip_raw = nn.Parameter(torch.zeros(buckets)) if skip else None
+
+    def scale(self, name: str) -> float:
+        return self.skip_lr_scale if name in self.PIXEL_TABLES else self.lr_scale
 
     def gains(self) -> torch.Tensor:
         return self.gain_raw * self.lr_scale
@@ -300,9 +309,8 @@ class DCBypass(nn.Module):
     def tables(self) -> dict[str, torch.Tensor]:
         """{"gain", "remove", "offset", "shrink", "skip"} per bucket (0 where the mode has no such table)."""
         z = torch.zeros_like(self.gain_raw)
-        return {"gain": self.gains(),
-                **{k: z if getattr(self, f"{k}_raw") is None else getattr(self, f"{k}_raw") * self.lr_scale
-                   for k in ("remove", "offset", "shrink", "skip")}}
+        return {k: z if getattr(self, f"{k}_raw") is None else getattr(self, f"{k}_raw") * self.scale(k)
+                for k in self.TABLES}
 
     def hook(self, module: nn.Module, args: tuple, eps: torch.Tensor) -> torch.Tensor:
         x, t = args[0], args[1]
@@ -310,15 +318,15 @@ class DCBypass(nn.Module):
             t = t.expand(x.shape[0])
         idx = timestep_bucket(t, self.buckets, self.timesteps)
 
-        def at(raw):
-            return (raw * self.lr_scale)[idx].reshape(-1, 1, 1, 1)
+        def at(name):
+            return (getattr(self, f"{name}_raw") * self.scale(name))[idx].reshape(-1, 1, 1, 1)
 
         x_dc, eps_dc = x.mean(dim=(2, 3), keepdim=True), eps.mean(dim=(2, 3), keepdim=True)
-        out = eps + at(self.gain_raw) * x_dc
+        out = eps + at("gain") * x_dc
         if self.remove_raw is not None:
-            out = out - at(self.remove_raw) * eps_dc + at(self.offset_raw)
+            out = out - at("remove") * eps_dc + at("offset")
         if self.skip_raw is not None:
-            out = out - at(self.shrink_raw) * (eps - eps_dc) + at(self.skip_raw) * (x - x_dc)
+            out = out - at("shrink") * (eps - eps_dc) + at("skip") * (x - x_dc)
         return out
 
 
@@ -404,7 +412,8 @@ def binarize_(model: nn.Module, cfg: BinarizeConfig, example_input: tuple[torch.
             model.get_submodule(site).register_forward_hook(cache.hook(i))
         model.register_forward_pre_hook(lambda mod, args: setattr(cache, "t", args[1]))
     if cfg.dc_bypass != "none":
-        model.dc_bypass = DCBypass(cfg.dc_bypass_buckets, timesteps, cfg.dc_bypass_lr_scale, cfg.dc_bypass)
+        model.dc_bypass = DCBypass(cfg.dc_bypass_buckets, timesteps, cfg.dc_bypass_lr_scale, cfg.dc_bypass,
+                                   cfg.dc_bypass_skip_lr_scale)
         model.register_forward_hook(model.dc_bypass.hook)  # a bound method: deep copies follow the module
     return model
 

@@ -197,6 +197,8 @@ class BinarizeConfig(Config):
     dc_bypass: Literal["none", "timestep_gain", "timestep_affine", "timestep_skip"] = "none"
     dc_bypass_buckets: int = 20  # gains per t // (T / buckets)
     dc_bypass_lr_scale: float = 100.0  # g = lr_scale * g_raw: the gains learn lr_scale times faster under Adam
+    # the same for the per-pixel tables of timestep_skip (r, s); 0 = dc_bypass_lr_scale (checkpoints before it)
+    dc_bypass_skip_lr_scale: float = 0.0
 
     def validate(self) -> None:
         check(self.wbits == 1, f"binarize.wbits must be 1 (binary weights), got {self.wbits}")
@@ -215,6 +217,8 @@ class BinarizeConfig(Config):
         check(self.cache_buckets >= 1 and self.cache_delta >= 1, "binarize.cache_buckets/cache_delta must be >= 1")
         check(self.dc_bypass_buckets >= 1, "binarize.dc_bypass_buckets must be >= 1")
         check(self.dc_bypass_lr_scale > 0, "binarize.dc_bypass_lr_scale must be > 0")
+        check(self.dc_bypass_skip_lr_scale >= 0,
+              "binarize.dc_bypass_skip_lr_scale must be >= 0 (0: the same as dc_bypass_lr_scale)")
         check(self.lsq_log_lr_scale > 0, "binarize.lsq_log_lr_scale must be > 0")
 
     @property
