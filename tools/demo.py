@@ -119,7 +119,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     from bdmtool.trainer.metrics import read_metrics
     from bdmtool.trainer.checkpoint import checkpoint_spec, load_checkpoint
     from bdmtool.trainer.sampling import SampleOptions, sample_checkpoint
-    from bdmtool.trainer.spec import DataConfig, build_train_spec
+    from bdmtool.trainer.spec import BinarizeConfig, DataConfig, build_train_spec
     from bdmtool.trainer.train import train
 
     if device:  # a phone that is not there must fail now, not after the training and export stages
@@ -159,8 +159,12 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                          f"train.ckpt_every={max(b.qat_steps // 4, 1)}"]
             spec = build_train_spec(method=method, abits=abits, teacher=str(EMBEDDED_FP), steps=b.qat_steps,
                                     overrides=overrides)
+            run_dir = folder / "run"
+            saved = run_dir / "spec.json"
+            if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(spec.to_dict())):
+                shutil.rmtree(run_dir)  # a run of an earlier recipe (the stage's params changed): start afresh
             t0 = time.perf_counter()
-            ckpt = train(spec, folder / "run")
+            ckpt = train(spec, run_dir)
             train_s = time.perf_counter() - t0
             png, npz = sample_checkpoint(ckpt, folder / "samples", opts)
             rows = read_metrics(folder / "run" / "metrics.jsonl")
@@ -220,7 +224,9 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
         stages.append(Stage(f"student_{n}", {"budget": asdict(b), "sha256": sha[n]},
                             student_stage(n, ckpt)))
     for method, abits, label in QAT_RUNS:
-        stages.append(Stage(f"qat_{method}_w1a{abits}", {"budget": asdict(b)}, qat_stage(method, abits, label)))
+        recipe = BinarizeConfig.from_method(method, abits).to_dict()  # a changed default trains again
+        stages.append(Stage(f"qat_{method}_w1a{abits}", {"budget": asdict(b), "recipe": recipe},
+                            qat_stage(method, abits, label)))
     result = DemoResult(out)
     for st in stages:
         result.summaries[st.name] = _run_stage(st, out, log)
