@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from bdmtool.trainer import fid
-from bdmtool.trainer.data import load_images
-from bdmtool.trainer.diffusion import Diffusion
 from bdmtool.trainer.binarize import reset_state
-from bdmtool.trainer.data import from_model_range
+from bdmtool.trainer.data import from_model_range, load_images
+from bdmtool.trainer.diffusion import Diffusion
 from bdmtool.trainer.sampling import initial_noise, write_samples
 from bdmtool.trainer.samplers import make_sampler, sample_loop
 from bdmtool.trainer.checkpoint import read_spec
@@ -35,7 +34,6 @@ def hybrid(student, teacher, rule):
     """eps_fn using the teacher where rule(t) is true (t is one value per call: the sampler's step)."""
     def eps(x, t):
         return teacher(x, t) if rule(int(t[0])) else student(x, t)
-    eps.models = (student, teacher)
     return eps
 
 
@@ -47,7 +45,7 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    student, sspec, _ = load_model(a.student)
+    student = load_model(a.student)[0]
     teacher, tspec, _ = load_model(a.teacher)
     diffusion = Diffusion(tspec.diffusion)
     shape = (tspec.unet.in_channels, tspec.unet.resolution, tspec.unet.resolution)

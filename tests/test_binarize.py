@@ -107,16 +107,23 @@ def test_dc_bypass_adds_the_gain_times_the_image_mean_and_learns():
     assert model.dc_bypass.gain_raw.grad[19] != 0 and model.dc_bypass.gain_raw.grad[5] == 0
 
 
-def test_affine_dc_bypass_replaces_the_image_mean_and_starts_as_the_plain_student():
-    """binarize.dc_bypass=timestep_affine: eps - h[b] mean_hw(eps) + g[b] mean_hw(x) + c[b]; all tables start at 0
-    (the plain binarized output), and h = 1 removes the network's own image mean exactly."""
+def _bypass_and_plain(mode: str):
+    """A W1A4 student with dc_bypass=mode (10 buckets), its plain twin, inputs at t = 0 / 450 / 999 and the plain
+    output; the bypass starts as the plain student."""
     plain = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(dc_bypass="none"))
     model = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(
-        dc_bypass="timestep_affine", dc_bypass_buckets=10))
+        dc_bypass=mode, dc_bypass_buckets=10))
     model.load_state_dict(plain.state_dict(), strict=False)
     x, t = torch.randn(3, 1, 32, 32), torch.tensor([0.0, 450.0, 999.0])
     base = plain(x, t)
     assert torch.equal(model(x, t), base)
+    return model, x, t, base
+
+
+def test_affine_dc_bypass_replaces_the_image_mean_and_starts_as_the_plain_student():
+    """binarize.dc_bypass=timestep_affine: eps - h[b] mean_hw(eps) + g[b] mean_hw(x) + c[b]; all tables start at 0
+    (the plain binarized output), and h = 1 removes the network's own image mean exactly."""
+    model, x, t, base = _bypass_and_plain("timestep_affine")
     s = model.dc_bypass.lr_scale
     with torch.no_grad():
         model.dc_bypass.remove_raw.fill_(1.0 / s)
@@ -135,13 +142,7 @@ def test_affine_dc_bypass_replaces_the_image_mean_and_starts_as_the_plain_studen
 def test_skip_bypass_adds_a_per_pixel_float_skip_and_starts_as_the_plain_student():
     """binarize.dc_bypass=timestep_skip: the affine path - r[b] (eps - mean eps) + s[b] (x - mean x); all tables
     start at 0, and h = r = s = g = 1, c = 0 gives eps = x_t exactly (what the teacher approaches at t = T)."""
-    plain = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(dc_bypass="none"))
-    model = binarize_(_model(), BinarizeConfig.from_method("baseline", abits=4).replace(
-        dc_bypass="timestep_skip", dc_bypass_buckets=10))
-    model.load_state_dict(plain.state_dict(), strict=False)
-    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0.0, 450.0, 999.0])
-    base = plain(x, t)
-    assert torch.equal(model(x, t), base)
+    model, x, t, base = _bypass_and_plain("timestep_skip")
     tabs = model.dc_bypass
     with torch.no_grad():
         for name in ("remove", "gain", "shrink", "skip"):
