@@ -83,6 +83,7 @@ def _run_stage(stage: Stage, out: Path, log: Callable[[str], None]) -> dict:
         if done.get("params") == json.loads(json.dumps(stage.params)):  # as stored: tuples become lists
             log(f"[{stage.name}] already done, reusing {folder}")
             return done["summary"]
+        shutil.rmtree(folder)  # made from other inputs (a new checkpoint, budget or recipe): start afresh
     folder.mkdir(parents=True, exist_ok=True)
     log(f"[{stage.name}] running ...")
     t0 = time.perf_counter()
@@ -159,12 +160,8 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
                          f"train.ckpt_every={max(b.qat_steps // 4, 1)}"]
             spec = build_train_spec(method=method, abits=abits, teacher=str(EMBEDDED_FP), steps=b.qat_steps,
                                     overrides=overrides)
-            run_dir = folder / "run"
-            saved = run_dir / "spec.json"
-            if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(spec.to_dict())):
-                shutil.rmtree(run_dir)  # a run of an earlier recipe (the stage's params changed): start afresh
             t0 = time.perf_counter()
-            ckpt = train(spec, run_dir)
+            ckpt = train(spec, folder / "run")
             train_s = time.perf_counter() - t0
             png, npz = sample_checkpoint(ckpt, folder / "samples", opts)
             rows = read_metrics(folder / "run" / "metrics.jsonl")
