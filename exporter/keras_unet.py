@@ -145,21 +145,18 @@ class UNetBuilder:
 
     def dc_bypass(self, eps, x, t):
         """bdmtool's float DC path (``binarize.dc_bypass``, see trainer.binarize.DCBypass): per timestep bucket,
-        eps + g * mean_hw(x) (gain) or eps - h * mean_hw(eps) + g * mean_hw(x) + c (affine)."""
+        eps + g * mean_hw(x) (gain), eps - h * mean_hw(eps) + g * mean_hw(x) + c (affine), and the affine path
+        - r * (eps - mean_hw(eps)) + s * (x - mean_hw(x)) (skip)."""
         b = self.meta["spec"].get("binarize") or {}
         mode = b.get("dc_bypass", "none")
         if mode == "none":
             return eps
         buckets, T = b["dc_bypass_buckets"], self.meta["spec"]["diffusion"]["timesteps"]
 
-        def table(key):
-            pixel = key in ("shrink_raw", "skip_raw")  # trainer.binarize.DCBypass.PIXEL_TABLES
-            scale = (b.get("dc_bypass_skip_lr_scale") or b["dc_bypass_lr_scale"]) if pixel else b["dc_bypass_lr_scale"]
-            return (self.w.get(f"dc_bypass.{key}", (buckets,)) * scale).astype(np.float32)
-
-        keys = {"timestep_gain": ["gain_raw"], "timestep_affine": ["gain_raw", "remove_raw", "offset_raw"],
-                "timestep_skip": ["gain_raw", "remove_raw", "offset_raw", "shrink_raw", "skip_raw"]}[mode]
-        tabs = [table(k) for k in keys]
+        # the bundle holds the deployed tables (trainer.bundle: DCBypass.tables(), the lr scales applied)
+        keys = {"timestep_gain": ["gain"], "timestep_affine": ["gain", "remove", "offset"],
+                "timestep_skip": ["gain", "remove", "offset", "shrink", "skip"]}[mode]
+        tabs = [self.w.get(f"dc_bypass.{k}", (buckets,)).astype(np.float32) for k in keys]
         self.float_layers["dc_bypass"] = (
             "float MEAN over H, W, GATHER of the timestep gain, MUL, ADD" if len(tabs) == 1
             else "float MEANs over H, W, GATHERs of the timestep tables, MUL, SUB, ADD")

@@ -376,3 +376,21 @@ def test_reference_search_stops_early_only_when_certification_is_hopeless(method
         assert 2 * 6 <= len(calls) < 2 * 64 and float(margins.max()) < 3e-6
     else:  # sign: either certified, or the search went on past the probe because success was plausible
         assert all(float(m) >= 3e-6 for m in margins) or len(calls) > 2 * 6
+
+
+def test_flip_envelope_is_the_output_spread_under_quantizer_input_jitter():
+    """One LSQ layer (s = 0.1): an input value 1e-8 above the boundary 0.25 flips between levels 2 and 3 under
+    a 3e-6 jitter, moving each output channel by 0.1 x its weight scale; inputs 1e-4 from every boundary never
+    flip, so their envelope is float noise."""
+    from bdmtool.trainer.bundle import flip_envelope
+
+    conv = torch.nn.Conv2d(2, 3, 1, bias=False)
+    layer = BinaryConv2d(conv, BinarizeConfig.from_method("baseline", abits=4), "l", in_hw=(1, 1))
+    layer.set_step_(0.1)
+    far = torch.tensor([0.1201, -0.3199]).reshape(1, 2, 1, 1)
+    near = torch.tensor([0.25 + 1e-8, -0.3199]).reshape(1, 2, 1, 1)
+    for x, want in ((far, 0.0), (near, 0.1 * float(layer.sigma1.detach().abs().max()))):
+        with torch.no_grad():
+            ref = layer(x)
+        got = flip_envelope(layer, lambda x=x: layer(x), ref, jitter=3e-6, draws=16, seed=0)
+        assert got == pytest.approx(want, abs=1e-5)

@@ -21,6 +21,8 @@ def test_help_lists_every_command():
 
 @pytest.mark.parametrize("args,message", [
     (["train", "--out", "x", "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["train", "--out", "x", "--set", "binarize.abits=4"], "no 'binarize' section; binarize.* applies to a "
+                                                             "binarized student: add --method"),
     (["train", "--out", "x", "--preset", "huge"], "unknown U-Net preset 'huge'"),
     (["train", "--out", "x", "--data", "cifar10:/nonexistent"], "CIFAR-10 batches missing"),
     (["sample", "/nonexistent.ckpt"], "does not exist"),

@@ -365,3 +365,22 @@ def test_int8_multibit_layer_is_exact_up_to_its_output_quantization(bits, act_pa
     bias_lsb = step * scale.max() / 127  # TFLite stores the bias as int32 at scale s_in * s_w: half of it may round
     assert err.max() <= 0.5 * lsb * (1 + 1e-4) + 0.5 * bias_lsb + 1e-6, (err.max(), lsb, bias_lsb)
     assert err.max() > 1e-3 * lsb  # it does round: the comparison is not trivially exact
+
+
+def test_gate_allows_an_uncertified_input_its_flip_envelope_and_no_more():
+    """Certified inputs are held to tol; an uncertified one to max(tol, ENVELOPE_FACTOR x its envelope); the
+    stage fails when most inputs exceed their allowance."""
+    from bdmtool.exporter.pipeline import ENVELOPE_FACTOR, ParityError, _gate
+
+    def gate(errors, margins, envelopes):
+        report = {"stages": {}}
+        _gate("s", errors, margins, envelopes, 1e-4, report, log=lambda s: None)
+        return report
+
+    rep = gate([1e-6, 0.2, 0.3], [1e-5, 1e-7, 1e-7], [0.0, 0.15, 0.2])
+    assert rep["certified"]["s"] and rep["stages"]["s"] == 1e-6 and rep["uncertified"]["s"] == [0.2, 0.3]
+    gate([0.2, 0.3, 1e-6], [1e-7] * 3, [0.15, 0.0, 0.0])  # no certified input: 2 of 3 within their allowance
+    with pytest.raises(ParityError, match="most reference inputs"):
+        gate([0.2, 0.3, 1e-6], [1e-7] * 3, [0.2 / ENVELOPE_FACTOR - 1e-3, 0.1, 0.0])
+    with pytest.raises(ParityError, match="no bit may flip"):  # a certified input has no envelope
+        gate([2e-4, 1e-6, 1e-6], [1e-5, 1e-5, 1e-7], [0.5, 0.0, 0.0])

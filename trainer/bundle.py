@@ -6,7 +6,8 @@
   (name, kernel/stride/padding, activation bits and quantizer, which parameters exist);
 - ``weights.npz``: every float tensor of the (EMA) state dict under its PyTorch name, plus for each binary
   layer the *deployable* weights ``<name>.sign1`` (int8 +-1) and ``<name>.scale1`` [C_out] (and
-  ``sign2``/``scale2`` while EBB keeps its second basis);
+  ``sign2``/``scale2`` while EBB keeps its second basis), and the DC path's deployed per-timestep tables
+  ``dc_bypass.<gain|remove|offset|shrink|skip>`` (``DCBypass.tables()``, zeros where the mode has none);
 - ``reference_io.npz``: inputs ``x`` [N, C, H, W], ``t`` [N] and the PyTorch outputs ``eps`` that each
   export stage is checked against.
 """
@@ -102,21 +103,64 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
     arrays = {k: v.float().cpu().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
     for m in layers:
         arrays.update({f"{m.name}.{k}": v for k, v in _deployable(m).items()})
+    if (bypass := getattr(model, "dc_bypass", None)) is not None:  # the deployed tables (raw x their lr scale)
+        arrays.update({f"dc_bypass.{k}": v.detach().float().cpu().numpy() for k, v in bypass.tables().items()})
     atomic_savez(out / "weights.npz", **arrays)
     x, t, eps, margins = reference_inputs(model, spec, n_ref, seed, min_margin)
+    envelope = [0.0 if float(m) >= min_margin else flip_envelope(model, lambda i=i: model(x[i:i + 1], t[i:i + 1]),
+                                                                  eps[i:i + 1], min_margin, seed=seed + i)
+                for i, m in enumerate(margins)]
     extra = {}
     if cache is not None:  # a second sampling step that mixes with the cache of the first (x[0], t[0])
+        def cached_step():
+            model(x[:1], t[:1])
+            return model(x[1:2], t[1:2])
+
         reset_state(model)
-        model(x[:1], t[:1])
-        extra = {"x2": x[1:2].numpy(), "t2": t[1:2].numpy(), "eps2": model(x[1:2], t[1:2]).numpy(),
+        eps2 = cached_step()
+        extra = {"x2": x[1:2].numpy(), "t2": t[1:2].numpy(), "eps2": eps2.numpy(),
                  "cache_sites": np.array(cache.sites)}
+        if float(margins[:2].min()) < min_margin:
+            envelope.append(flip_envelope(model, cached_step, eps2, min_margin, seed=seed + n_ref))
+        else:
+            envelope.append(0.0)
         reset_state(model)
     if layers:  # every binary layer's output on the first reference input, for `export --per-layer`
         extra.update(_layer_outputs(model, layers, x[:1], t[:1]))
-    atomic_savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy(), margin=margins.numpy(), **extra)
+    atomic_savez(out / "reference_io.npz", x=x.numpy(), t=t.numpy(), eps=eps.numpy(), margin=margins.numpy(),
+                 envelope=np.array(envelope, dtype=np.float64), **extra)
     meta["reference_min_margin"] = float(margins.min()) if len(margins) else None
     atomic_write(out / "spec.json", json.dumps(meta, indent=2))
     return out
+
+
+@torch.no_grad()
+def flip_envelope(model, run, reference: torch.Tensor, jitter: float, draws: int = 16, seed: int = 0) -> float:
+    """How far the model's own output moves when every quantizer input moves by at most ``jitter``.
+
+    ``run()`` computes the output (``reference``) from a fresh state; it is repeated ``draws`` times with a
+    uniform perturbation in [-jitter, jitter] added to the input of every binary layer, and the largest
+    max |d out| is returned. Two float implementations that agree to ``jitter`` before each quantizer (what
+    certification assumes of PyTorch, Keras and TFLite) may legitimately differ by this much on an input with
+    values that close to a decision boundary: the export gate allows an uncertified input a difference of this
+    order (exporter/pipeline.py). A lower bound of the true spread (a finite number of draws)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def jittered(mod, inp):
+        x = inp[0]
+        return (x + (torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1) * jitter, *inp[1:])
+
+    hooks = [m.register_forward_pre_hook(jittered) for m in binary_layers(model)]
+    spread = 0.0
+    try:
+        for _ in range(draws):
+            reset_state(model)
+            spread = max(spread, float((run() - reference).abs().max()))
+    finally:
+        for h in hooks:
+            h.remove()
+        reset_state(model)
+    return spread
 
 
 def certify_chance(margins: list[float], min_margin: float, tries_left: int, slack: float = 3.0) -> float:

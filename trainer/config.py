@@ -156,6 +156,11 @@ class Config:
     def replace(self: C, **changes: Any) -> C:
         return type(self).from_dict({**self.to_dict(), **changes})
 
+    @classmethod
+    def missing_section_hint(cls, section: str) -> str:
+        """How a user gets the optional ``section`` into a spec (``with_overrides``' error). Subclasses override."""
+        return ""
+
     def with_overrides(self: C, overrides: typing.Iterable[str]) -> C:
         """Apply ``key.sub=value`` strings (the CLI's ``--set``); unknown keys are errors."""
         data = self.to_dict()
@@ -166,6 +171,9 @@ class Config:
             node = data
             parts = key.strip().split(".")
             for p in parts[:-1]:
+                if p in node and node[p] is None:  # an optional section this spec does not have
+                    hint = self.missing_section_hint(p)
+                    raise ConfigError(f"config key {key!r}: this spec has no {p!r} section" + (f"; {hint}" if hint else ""))
                 if not isinstance(node.get(p), dict):
                     raise ConfigError(f"unknown config key {key!r}")
                 node = node[p]

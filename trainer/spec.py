@@ -301,6 +301,11 @@ class TrainSpec(Config):
     teacher: str = ""  # FP checkpoint the binarized student starts from and distils (required for QAT)
     init: str = ""  # FP training only: start from this checkpoint's (EMA) weights instead of random ones
 
+    @classmethod
+    def missing_section_hint(cls, section: str) -> str:
+        return "binarize.* applies to a binarized student: add --method (e.g. --method binarydm)" \
+            if section == "binarize" else ""
+
     def validate(self) -> None:
         check(not (self.init and self.binarize is not None),
               "--init is for full-precision training; a binarized student starts from --teacher")
