@@ -1,13 +1,15 @@
 """QAT training-step time per method and precision, relative to an FP training step of the same U-Net and batch.
 
     python benchmarks/qat_step.py [--preset tiny] [--batch 32] [--repeats 5] [--methods binarydm,bidm,...]
-                                  [--precisions fp32,bf16]
+                                  [--modes fp32,bf16,fp32+compiled,bf16+compiled]
 
 Each row times the full step the trainer runs (schedule, TBS cache pass, student forward, teacher forward
 and distillation terms, backward, AdamW) with median over ``--repeats`` after one warm-up step, inside the
-same autocast context as ``bdmtool train`` (``train.precision``). Columns: the step, QAT / FP at the same
-precision, QAT / FP against the eager-fp32 FP step (the issue-14 yardstick), and the speed-up of bf16 over
-fp32 for the same method, all from one run.
+same autocast context as ``bdmtool train`` (``train.precision``), and for ``+compiled`` modes with the
+quantizers' compiled kernels (``train.kernels=compiled``; the first steps compile them, outside the timing).
+Columns: the step, QAT / FP at the same precision (the FP step has no quantizers, so its kernels do not
+matter), QAT / FP against the eager-fp32 FP step (the issue-14 yardstick), and the speed-up over eager fp32 for
+the same method, all from one run.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import torch
 from bdmtool.trainer.checkpoint import atomic_save, make_checkpoint
 from bdmtool.trainer.diffusion import Diffusion
 from bdmtool.trainer.objective import TrainingObjective
+from bdmtool.trainer.quantizers import kernels
 from bdmtool.trainer.runtime import autocast
 from bdmtool.trainer.spec import METHODS, TrainSpec, UNetConfig, build_train_spec
 from bdmtool.trainer.train import build_student
 
 
-def _time_steps(spec: TrainSpec, batch: int, repeats: int, precision: str = "fp32") -> float:
+def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -> float:
+    precision, _, kernel = mode.partition("+")
     torch.manual_seed(0)
     model, teacher = build_student(spec)
     diffusion = Diffusion(spec.diffusion)
@@ -41,13 +45,14 @@ def _time_steps(spec: TrainSpec, batch: int, repeats: int, precision: str = "fp3
     objective.prepare(x0, t, noise)
 
     def step(i: int) -> None:
-        with autocast(precision, torch.device("cpu")):
+        with autocast(precision, torch.device("cpu")), kernels(kernel or "eager"):
             loss = objective(model, x0, t, noise, i)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step(10**6)  # warm-up with every schedule stage switched on (all layers binary)
+    for _ in range(2 if kernel else 1):  # warm-up with every schedule stage switched on (all layers binary)
+        step(10**6)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -62,11 +67,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--modes", default="fp32,bf16,fp32+compiled,bf16+compiled",
+                    help="PRECISION[+compiled], comma-separated")
     a = ap.parse_args()
-    precisions = a.precisions.split(",")
-    if "fp32" not in precisions:
-        precisions.insert(0, "fp32")
+    modes = a.modes.split(",")
+    if "fp32" not in modes:
+        modes.insert(0, "fp32")
+    precisions = sorted({m.partition("+")[0] for m in modes}, key=["fp32", "bf16"].index)
     torch.manual_seed(0)
     from bdmtool.trainer.unet import UNet
 
@@ -78,14 +85,14 @@ def main() -> None:
         rows = [("fp", 32, p, fp[p]) for p in precisions]
         for m in a.methods.split(","):
             spec = build_train_spec(method=m, teacher=str(teacher))
-            rows += [(m, spec.binarize.abits, p, _time_steps(spec, a.batch, a.repeats, p)) for p in precisions]
+            rows += [(m, spec.binarize.abits, p, _time_steps(spec, a.batch, a.repeats, p)) for p in modes]
     print(f"\npreset {a.preset}, batch {a.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| method | W/A bits | precision | step (s) | QAT / FP (same precision) | QAT / FP fp32 "
+    print("| method | W/A bits | mode | step (s) | QAT / FP (same precision) | QAT / FP fp32 "
           "| speed-up vs fp32 |")
     print("|---|---|---|---:|---:|---:|---:|")
     for m, abits, p, s in rows:
         own = next(x[3] for x in rows if x[0] == m and x[2] == "fp32")
-        print(f"| {m} | {'32/32' if m == 'fp' else f'1/{abits}'} | {p} | {s:.3f} | {s / fp[p]:.2f} | "
+        print(f"| {m} | {'32/32' if m == 'fp' else f'1/{abits}'} | {p} | {s:.3f} | {s / fp[p.partition('+')[0]]:.2f} | "
               f"{s / fp['fp32']:.2f} | {own / s:.2f}× |")
 
 

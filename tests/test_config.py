@@ -48,3 +48,11 @@ def test_configs_are_frozen_and_hashable():
     with pytest.raises(AttributeError):
         cfg.ch = 64
     assert hash(cfg) == hash(UNetConfig.from_dict(cfg.to_dict()))
+
+
+def test_compiled_kernels_without_a_compiler_is_a_config_error(monkeypatch):
+    from bdmtool.trainer import spec as spec_module
+
+    monkeypatch.setattr(spec_module.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler on PATH.*train.kernels=eager"):
+        spec_module.build_train_spec("tiny", "digits", 1, ["train.kernels=compiled"])

@@ -1,6 +1,7 @@
 """Every registered binarizer/quantizer: the right value set and the documented gradient."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -160,3 +161,30 @@ def test_fused_lsq_equals_the_autograd_chain_bit_for_bit(bits, step_shape):
     (y1, gx1, gs1), (y2, gx2, gs2) = got
     assert torch.equal(y1, y2) and torch.equal(gx1, gx2) and torch.equal(gs1, gs2)
     assert (gx1 == 0).any() and (gx1 != 0).any()  # both sides of the clamp are exercised
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="train.kernels=compiled needs a C++ compiler (torch.compile's CPU backend)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compiled_lsq_kernels_match_the_one_node_lsq(bits):
+    """train.kernels=compiled: the output and d/dx are bit for bit those of the eager one-node LSQ, d/ds the same
+    sum in another order; the kernels follow the forward's context into the backward."""
+    from bdmtool.trainer.quantizers import kernels
+
+    torch.manual_seed(bits)
+    x = (torch.randn(4, 8, 7, 7) * 0.3 * 2 ** (bits - 1)).requires_grad_()
+    log_step = torch.full((), -1.3, requires_grad=True)
+    g = torch.randn(4, 8, 7, 7)
+    got = []
+    for mode in ("eager", "compiled"):
+        x.grad = log_step.grad = None
+        with kernels(mode):
+            y = get_act_quantizer("lsq")(x, log_step.exp(), bits)
+        assert y.grad_fn.name() == ("_LSQCompiledBackward" if mode == "compiled" else "_LSQBackward")
+        y.backward(g)
+        got.append((y.detach(), x.grad.clone(), log_step.grad.clone()))
+    (y1, gx1, gs1), (y2, gx2, gs2) = got
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-6) and (gx1 == 0).any()
+    with pytest.raises(ValueError, match="choose one of"):
+        kernels("fast")

@@ -1,6 +1,8 @@
 """Where and how a step runs: --device resolution, bf16 autocast training (exact resume, loss near fp32),
 and the CUDA path (skipped here with the reason when torch sees no GPU)."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -70,6 +72,34 @@ def test_binary_student_trains_in_bf16(tmp_path, micro_overrides):
     train(spec, tmp_path / "student", progress=False)
     rows = read_metrics(tmp_path / "student" / "metrics.jsonl")
     assert len(rows) == 3 and all(r["loss"] == r["loss"] and r["loss"] < 10 for r in rows)
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="train.kernels=compiled needs a C++ compiler (torch.compile's CPU backend)")
+
+
+@needs_compiler
+def test_student_with_compiled_kernels_resumes_exactly_and_follows_eager(tmp_path, micro_overrides):
+    """train.kernels=compiled: a BinaryDM W1A4 student cut at step 3 and resumed repeats the uninterrupted run's
+    losses bit for bit; its losses are the eager run's to 1e-4 relative (only d/ds sums in another order); the
+    kernels are part of the resume check."""
+    teacher = train(_spec(micro_overrides, 2), tmp_path / "teacher", progress=False)
+
+    def student(out, steps, *extra):
+        spec = build_train_spec(method="binarydm", abits=4, teacher=str(teacher), steps=steps,
+                                overrides=["train.batch_size=4", "train.threads=1", "train.log_every=1",
+                                           "data.limit=16", "train.lr=1e-3", "binarize.ebb_stage2_step=3",
+                                           "binarize.progressive_every=1", *extra])
+        train(spec, tmp_path / out, progress=False)
+        return [r["loss"] for r in read_metrics(tmp_path / out / "metrics.jsonl")]
+
+    full = student("full", 6, "train.kernels=compiled", "train.ckpt_every=100")
+    student("cut", 3, "train.kernels=compiled", "train.ckpt_every=3")
+    assert student("cut", 6, "train.kernels=compiled", "train.ckpt_every=3") == full
+    eager = student("eager", 6, "train.ckpt_every=100")
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(full, eager)), (full, eager)
+    with pytest.raises(ValueError, match="different spec"):
+        student("cut", 8, "train.ckpt_every=3")
 
 
 @needs_cuda

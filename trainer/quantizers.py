@@ -169,6 +169,67 @@ class _LSQ(torch.autograd.Function):
         return gx, g_step * ctx.grad_scale, None, None, None
 
 
+def _lsq_forward(x: torch.Tensor, step: torch.Tensor, qn: float, qp: float) -> torch.Tensor:
+    return torch.clamp(x / step, qn, qp).round() * step
+
+
+def _lsq_backward(g: torch.Tensor, x: torch.Tensor, step: torch.Tensor, qn: float, qp: float):
+    v = x / step
+    r = torch.clamp(v, qn, qp).round()
+    g_v = torch.where((v >= qn) & (v <= qp), g * step, 0.0)
+    return g_v / step, (g * r).sum_to_size(step.shape) + (-g_v * (v / step)).sum_to_size(step.shape)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+class _LSQCompiled(torch.autograd.Function):
+    """:class:`_LSQ` with its forward and backward each fused into one compiled loop (``torch.compile``,
+    inductor's C++ on CPU): saves only x and recomputes x/s in the backward. The output and d/dx are bit for bit
+    those of :class:`_LSQ`; d/ds is the same sum in another order (|diff| ~1e-4 of a sum over ~1e6 terms).
+    ``train.kernels=compiled`` (docs/methods.md, "Training speed")."""
+
+    @staticmethod
+    def forward(ctx, x, step, qn, qp, grad_scale):
+        ctx.save_for_backward(x, step)
+        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+        return _compiled("forward")(x, step, float(qn), float(qp))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, step = ctx.saved_tensors
+        gx, g_step = _compiled("backward")(g.contiguous(), x, step, float(ctx.qn), float(ctx.qp))
+        return gx, g_step * ctx.grad_scale, None, None, None
+
+
+def _compiled(which: str) -> Callable:
+    if which not in _COMPILED:  # compiled once per process, for every shape (dynamic), on first use
+        fn = {"forward": _lsq_forward, "backward": _lsq_backward}[which]
+        _COMPILED[which] = torch.compile(fn, dynamic=True)
+    return _COMPILED[which]
+
+
+_KERNELS = {"mode": "eager"}
+KERNELS = ("eager", "compiled")
+
+
+class kernels:
+    """``with kernels("compiled"):`` runs LSQ through :class:`_LSQCompiled` (``"eager"``: :class:`_LSQ`).
+    A context, not a setting of the model: checkpoints and exports do not depend on it."""
+
+    def __init__(self, mode: str):
+        if mode not in KERNELS:
+            raise ValueError(f"kernels={mode!r}; choose one of {KERNELS}")
+        self.mode = mode
+
+    def __enter__(self):
+        self.previous, _KERNELS["mode"] = _KERNELS["mode"], self.mode
+        return self
+
+    def __exit__(self, *exc):
+        _KERNELS["mode"] = self.previous
+
+
 def ste_sign(x: torch.Tensor, clip_value: float = 1.0) -> torch.Tensor:
     """sign(x) forward; gradient 1{|x| <= clip_value} (clipped straight-through, Hubara et al. 2016)."""
     return _SignClippedSTE.apply(x, clip_value)
@@ -295,7 +356,8 @@ def a_lsq(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
     calibration to 2 mean|x| / sqrt(Qp)); the official code re-initialises it every batch (a bug).
     """
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return _LSQ.apply(x, step, qn, qp, 1.0 / math.sqrt(x.numel() * qp))
+    fn = _LSQCompiled if _KERNELS["mode"] == "compiled" else _LSQ
+    return fn.apply(x, step, qn, qp, 1.0 / math.sqrt(x.numel() * qp))
 
 
 def lsq_autograd(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ changed with ``--set key=value`` on the CLI and is validated here, so a typo fai
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from typing import Literal
 
 from .config import Config, ConfigError, check
@@ -130,6 +131,7 @@ class TrainConfig(Config):
     threads: int = 0  # torch intra-op threads per process (0 = leave torch's default)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N; where it runs, not what it computes
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the step (docs/methods.md, "Training speed")
+    kernels: Literal["eager", "compiled"] = "eager"  # compiled: LSQ fused by torch.compile (needs a C++ compiler)
 
     def validate(self) -> None:
         check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -141,6 +143,9 @@ class TrainConfig(Config):
         check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         check(0.0 <= self.lr_final_ratio <= 1.0, f"train.lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
         check(self.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {self.threads}")
+        check(self.kernels != "compiled" or any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+              "train.kernels=compiled needs a C++ compiler on PATH (torch.compile's CPU code); install g++ "
+              "or use train.kernels=eager")
         check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         check(parse_device(self.device) is not None,
               f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

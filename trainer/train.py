@@ -28,6 +28,7 @@ from .checkpoint import atomic_save, checkpoint_spec, inference_weights, load_ch
 from .data import load_images
 from .diffusion import Diffusion
 from .metrics import MetricsLog, plot_loss_curve
+from .quantizers import kernels
 from .objective import TrainingObjective
 from .runtime import autocast, move_to_cpu, resolve_device
 from .spec import TrainSpec
@@ -230,7 +231,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
             torch.manual_seed(_generator(tc.seed, 3, step, env.rank).initial_seed())  # dropout
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, spec)
-            with autocast(tc.precision, device):
+            with autocast(tc.precision, device), kernels(tc.kernels):  # the backward follows the forward's kernels
                 terms = objective(net, x0, t, noise, step)
             loss = terms["loss"]
             opt.zero_grad(set_to_none=True)
