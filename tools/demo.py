@@ -273,8 +273,10 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     devices = ["local"] + ([device] if device else [])
     for dev in devices:
         name = "bench_host" if dev == "local" else "bench_" + dev.replace(":", "_")
-        params = {"budget": asdict(b), "exports": [result.summaries[k].get("tflite") for k in result.summaries
-                                                   if k.startswith("export_")]}
+        tflites = [result.summaries[k].get("tflite") for k in result.summaries if k.startswith("export_")]
+        # keyed by the files' contents: a re-exported model (same path, new student) is timed again
+        params = {"budget": asdict(b), "exports": [[t, file_sha256(t) if t and Path(t).exists() else None]
+                                                   for t in tflites]}
         result.summaries[name] = _run_stage(Stage(name, params, bench_stage(dev)), out, log)
 
     result.summaries["ops"] = _ops_summary({n: result.summaries[f"student_{n}"] for n in students})
