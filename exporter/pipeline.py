@@ -235,8 +235,12 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     margins += [min(margins[:2])] if "eps2" in ref else []  # the cached step reuses samples 0 and 1
     envelopes = [float(v) for v in ref.get("envelope", [0.0] * len(margins))]
     report["reference"]["flip_envelope"] = envelopes
+
+    def gate(stage: str, got: list[np.ndarray], expected: list[np.ndarray]) -> None:
+        _gate(stage, [max_abs(a, b) for a, b in zip(got, expected)], margins, envelopes, tol, report, log)
+
     if target == "lce":
-        _gate("keras_vs_pytorch", [max_abs(a, b) for a, b in zip(keras_out, want)], margins, envelopes, tol, report, log)
+        gate("keras_vs_pytorch", keras_out, want)
 
     log("[lce] converting with the LCE converter ...")
     fb = convert(model, log)
@@ -265,9 +269,9 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     signed = all("signature_name" in d for d in inv.outputs)
     out_names = ["eps"] if len(model.outputs) == 1 else io_names(inv.outputs) if signed else sorted(model.output_names)
     tfl = _reference_outputs(TFLiteDenoiser(fb, out_names), ref)
-    _gate("tflite_vs_keras", [max_abs(a, b) for a, b in zip(tfl, keras_out)], margins, envelopes, tol, report, log)
+    gate("tflite_vs_keras", tfl, keras_out)
     if target == "lce":
-        _gate("tflite_vs_pytorch", [max_abs(a, b) for a, b in zip(tfl, want)], margins, envelopes, tol, report, log)
+        gate("tflite_vs_pytorch", tfl, want)
         if "eps2" in ref and margins[-1] >= CERTIFY_MARGIN:
             report["stages"]["cached_step_tflite_vs_pytorch"] = max_abs(tfl[-1], want[-1])
     report["file_bytes"] = inv.file_bytes

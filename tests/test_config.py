@@ -51,8 +51,8 @@ def test_configs_are_frozen_and_hashable():
 
 
 def test_compiled_kernels_without_a_compiler_is_a_config_error(monkeypatch):
-    from bdmtool.trainer import spec as spec_module
+    import shutil
 
-    monkeypatch.setattr(spec_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler on PATH.*train.kernels=eager"):
-        spec_module.build_train_spec("tiny", "digits", 1, ["train.kernels=compiled"])
+        build_train_spec("tiny", "digits", 1, ["train.kernels=compiled"])

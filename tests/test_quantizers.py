@@ -1,12 +1,12 @@
 """Every registered binarizer/quantizer: the right value set and the documented gradient."""
 
 import math
-import shutil
 
 import pytest
 import torch
 
 from bdmtool.trainer.quantizers import ACT_QUANTIZERS, WEIGHT_BINARIZERS, get_act_quantizer, sign
+from bdmtool.trainer.runtime import has_cxx_compiler
 
 torch.manual_seed(0)
 W = torch.randn(6, 4, 3, 3) * 0.8
@@ -163,7 +163,7 @@ def test_fused_lsq_equals_the_autograd_chain_bit_for_bit(bits, step_shape):
     assert (gx1 == 0).any() and (gx1 != 0).any()  # both sides of the clamp are exercised
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+@pytest.mark.skipif(not has_cxx_compiler(),
                     reason="train.kernels=compiled needs a C++ compiler (torch.compile's CPU backend)")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_compiled_lsq_kernels_match_the_one_node_lsq(bits):

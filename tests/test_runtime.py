@@ -1,14 +1,12 @@
 """Where and how a step runs: --device resolution, bf16 autocast training (exact resume, loss near fp32),
 and the CUDA path (skipped here with the reason when torch sees no GPU)."""
 
-import shutil
-
 import pytest
 import torch
 
 from bdmtool.trainer.checkpoint import load_checkpoint
 from bdmtool.trainer.metrics import read_metrics
-from bdmtool.trainer.runtime import move_to_cpu, resolve_device
+from bdmtool.trainer.runtime import has_cxx_compiler, move_to_cpu, resolve_device
 from bdmtool.trainer.spec import build_train_spec
 from bdmtool.trainer.train import train
 
@@ -74,7 +72,7 @@ def test_binary_student_trains_in_bf16(tmp_path, micro_overrides):
     assert len(rows) == 3 and all(r["loss"] == r["loss"] and r["loss"] < 10 for r in rows)
 
 
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+needs_compiler = pytest.mark.skipif(not has_cxx_compiler(),
                                     reason="train.kernels=compiled needs a C++ compiler (torch.compile's CPU backend)")
 
 

@@ -107,8 +107,11 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
         arrays.update({f"dc_bypass.{k}": v.detach().float().cpu().numpy() for k, v in bypass.tables().items()})
     atomic_savez(out / "weights.npz", **arrays)
     x, t, eps, margins = reference_inputs(model, spec, n_ref, seed, min_margin)
-    envelope = [0.0 if float(m) >= min_margin else flip_envelope(model, lambda i=i: model(x[i:i + 1], t[i:i + 1]),
-                                                                  eps[i:i + 1], min_margin, seed=seed + i)
+
+    def envelope_of(run, reference, margin: float, k: int) -> float:  # 0 for a certified input: nothing may flip
+        return 0.0 if margin >= min_margin else flip_envelope(model, run, reference, min_margin, seed=seed + k)
+
+    envelope = [envelope_of(lambda i=i: model(x[i:i + 1], t[i:i + 1]), eps[i:i + 1], float(m), i)
                 for i, m in enumerate(margins)]
     extra = {}
     if cache is not None:  # a second sampling step that mixes with the cache of the first (x[0], t[0])
@@ -120,10 +123,7 @@ def write_bundle(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, n_ref
         eps2 = cached_step()
         extra = {"x2": x[1:2].numpy(), "t2": t[1:2].numpy(), "eps2": eps2.numpy(),
                  "cache_sites": np.array(cache.sites)}
-        if float(margins[:2].min()) < min_margin:
-            envelope.append(flip_envelope(model, cached_step, eps2, min_margin, seed=seed + n_ref))
-        else:
-            envelope.append(0.0)
+        envelope.append(envelope_of(cached_step, eps2, float(margins[:2].min()), n_ref))
         reset_state(model)
     if layers:  # every binary layer's output on the first reference input, for `export --per-layer`
         extra.update(_layer_outputs(model, layers, x[:1], t[:1]))

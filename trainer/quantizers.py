@@ -163,10 +163,14 @@ class _LSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         v, r, step = ctx.saved_tensors
-        g_v = torch.where((v >= ctx.qn) & (v <= ctx.qp), g * step, 0.0)  # mul, round (identity), clamp
-        gx = g_v / step                                                      # div, w.r.t. x
-        g_step = (g * r).sum_to_size(step.shape) + (-g_v * (v / step)).sum_to_size(step.shape)
+        gx, g_step = _lsq_grads(g, v, r, step, ctx.qn, ctx.qp)
         return gx, g_step * ctx.grad_scale, None, None, None
+
+
+def _lsq_grads(g: torch.Tensor, v: torch.Tensor, r: torch.Tensor, step: torch.Tensor, qn: float, qp: float):
+    """d/dx and d/ds (before LSQ's gradient scale) from v = x/s and r = round(clamp(v)), op for op the chain's."""
+    g_v = torch.where((v >= qn) & (v <= qp), g * step, 0.0)  # mul, round (identity), clamp
+    return g_v / step, (g * r).sum_to_size(step.shape) + (-g_v * (v / step)).sum_to_size(step.shape)
 
 
 def _lsq_forward(x: torch.Tensor, step: torch.Tensor, qn: float, qp: float) -> torch.Tensor:
@@ -175,9 +179,7 @@ def _lsq_forward(x: torch.Tensor, step: torch.Tensor, qn: float, qp: float) -> t
 
 def _lsq_backward(g: torch.Tensor, x: torch.Tensor, step: torch.Tensor, qn: float, qp: float):
     v = x / step
-    r = torch.clamp(v, qn, qp).round()
-    g_v = torch.where((v >= qn) & (v <= qp), g * step, 0.0)
-    return g_v / step, (g * r).sum_to_size(step.shape) + (-g_v * (v / step)).sum_to_size(step.shape)
+    return _lsq_grads(g, v, torch.clamp(v, qn, qp).round(), step, qn, qp)
 
 
 _COMPILED: dict[str, Callable] = {}

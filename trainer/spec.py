@@ -7,11 +7,10 @@ changed with ``--set key=value`` on the CLI and is validated here, so a typo fai
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from typing import Literal
 
 from .config import Config, ConfigError, check
-from .runtime import parse_device
+from .runtime import has_cxx_compiler, parse_device
 
 SPEC_VERSION = 1
 
@@ -143,7 +142,7 @@ class TrainConfig(Config):
         check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         check(0.0 <= self.lr_final_ratio <= 1.0, f"train.lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
         check(self.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {self.threads}")
-        check(self.kernels != "compiled" or any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+        check(self.kernels != "compiled" or has_cxx_compiler(),
               "train.kernels=compiled needs a C++ compiler on PATH (torch.compile's CPU code); install g++ "
               "or use train.kernels=eager")
         check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")

@@ -19,6 +19,13 @@ def parse_device(name: str) -> tuple[str, int | None] | None:
     return (kind, int(index)) if kind == "cuda" and index.isdigit() else None
 
 
+def has_cxx_compiler() -> bool:
+    """A C++ compiler on PATH (what ``torch.compile``'s CPU backend, i.e. ``train.kernels=compiled``, needs)."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
 def __getattr__(name: str):  # torch loads only when device/precision is used (threads must run before it)
     if name in _LAZY:
         import importlib
@@ -27,4 +34,4 @@ def __getattr__(name: str):  # torch loads only when device/precision is used (t
     raise AttributeError(name)
 
 
-__all__ = [*_LAZY, "parse_device"]
+__all__ = [*_LAZY, "has_cxx_compiler", "parse_device"]
