@@ -69,6 +69,17 @@ def test_replicate_two_configurations_report_matches_the_runs_and_reruns_reuse(t
     assert again.returncode == 0 and again.stdout.count("(reused)") == 4, again.stdout[-2000:]
     assert json.loads((out / "report.json").read_text())["tables"] == rep["tables"]
 
+    # a worker running one row (--only) must not shrink the report to that row; --report-only trains nothing
+    one = _run([*args[:4], "--only", "binarydm_w1a4", *args[6:]])
+    assert one.returncode == 0 and one.stdout.count("(reused)") == 1, one.stdout[-2000:]
+    assert sorted(json.loads((out / "report.json").read_text())["runs"]) == sorted(keys)
+    (out / "report.md").unlink()
+    (out / "runs" / "binarydm_w1a4_seed1" / "score.json").unlink()  # unfinished: left out, not trained
+    rep_only = _run([*args[:4], *args[6:], "--report-only"])
+    assert rep_only.returncode == 0 and "[replicate] 1/" not in rep_only.stdout, rep_only.stdout[-2000:]
+    assert sorted(json.loads((out / "report.json").read_text())["runs"]) == sorted(set(keys) - {"binarydm_w1a4_seed1"})
+    assert not (out / "runs" / "binarydm_w1a4_seed1" / "score.json").exists() and (out / "report.md").is_file()
+
 
 def test_replicate_bad_arguments_are_one_line_errors(tmp_path):
     for args, words in ((["--tables", "nope"], "unknown table"), (["--only", "xnor_w1a1"], "is not a run of"),

@@ -186,14 +186,17 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, ben
 @click.option("--jobs", type=int, default=1, show_default=True,
               help="Runs side by side, each on cores/jobs threads (2 on a 2-core machine: one thread each); "
               "cores are those of the CPU affinity, so `taskset -c 0 bdmtool replicate` leaves core 1 free.")
+@click.option("--report-only", is_flag=True, help="Train nothing: write OUT/report.md from the runs already "
+              "finished at this budget (e.g. while workers are still going).")
 @_friendly
-def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, only, teacher, jobs):
+def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, only, teacher, jobs, report_only):
     """Train and score the papers' tables (BinaryDM T1/T7, BiDM T1/ablation) from one teacher; OUT/report.md.
 
     Every run is a resumable `bdmtool train` folder under OUT/runs/; re-running reuses finished runs and scores."""
     import dataclasses
 
-    from bdmtool.trainer.replication import TABLES, ReplicationBudget, environment, run_replication, write_report
+    from bdmtool.trainer.replication import (TABLES, ReplicationBudget, environment, finished_scores, run_replication,
+                                                write_report)
 
     chosen = tuple(TABLES) if tables == "all" else tuple(t.strip() for t in tables.split(",") if t.strip())
     b = ReplicationBudget().scaled(budget)
@@ -206,7 +209,8 @@ def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, onl
     if b.n_reference > 5000:
         raise ValueError(f"--ref-limit must be <= 5000 (MNIST-5k), got {b.n_reference}")
     keys = tuple(k.strip() for k in only.split(",") if k.strip())
-    scores = run_replication(out, chosen, b, teacher, jobs=jobs, only=keys, log=click.echo)
+    scores = {} if report_only else run_replication(out, chosen, b, teacher, jobs=jobs, only=keys, log=click.echo)
+    scores = {**finished_scores(out, chosen, b, teacher), **scores}  # rows another worker or --only run finished
     md, js = write_report(out, scores, chosen, b, teacher, environment(jobs))
     click.echo(f"[replicate] wrote {md} and {js}")
 

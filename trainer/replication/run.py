@@ -130,6 +130,20 @@ def run_arm(arm: Arm, b: ReplicationBudget, teacher: str, out: str, threads: int
     return record
 
 
+def finished_scores(out: str | os.PathLike, tables: tuple[str, ...], budget: ReplicationBudget,
+                    teacher: str) -> dict[str, dict]:
+    """Scores already on disk for every arm of ``tables`` at this budget (others, e.g. from a different step count,
+    are ignored): the report of an ``--only`` run or of a second worker still shows every finished row."""
+    found = {}
+    for arm in arms_for(tables, budget.seeds, ()):
+        path = Path(out) / "runs" / arm.key / "score.json"
+        if path.is_file():
+            done = json.loads(path.read_text())
+            if done.get("params") == json.loads(json.dumps(_score_params(arm, budget, teacher))):
+                found[arm.key] = {**done, "reused": True}
+    return found
+
+
 def environment(jobs: int) -> dict:
     """What the numbers were measured on (the report records it)."""
     import platform
