@@ -186,3 +186,39 @@ def test_ebb_regulariser_matches_a_hand_computation(tmp_path, teacher, mode):
     rest = [float(v) for m in ebb[1:] for v in m.sigma2.detach().flatten()]
     assert float(ebb_regulariser(model, mode)) == pytest.approx(
         sum(abs(v) if mode == "abs" else v for v in rest) / len(rest), rel=1e-6)
+
+
+@pytest.mark.parametrize("kd", [0.0, 0.5, 1.0])
+def test_output_distillation_mixes_the_noise_and_the_teachers_eps(tmp_path, teacher, kd):
+    """distill.kd_weight: loss = (1 - kd) * MSE(eps, noise) + kd * MSE(eps, eps_teacher), both recomputed here from
+    the student's and the teacher's own forwards on the same x_t; 0 leaves the papers' objective untouched."""
+    from bdmtool.trainer.binarize import reset_state
+
+    spec = _qat_spec(teacher, "baseline", 4, 20, "distill.lrm_weight=0", "distill.ebb_tau=0",
+                     f"distill.kd_weight={kd}")
+    model, tmodel = build_student(spec)
+    images = torch.from_numpy(__import__("bdmtool.trainer.data", fromlist=["x"]).load_images(spec.data))
+    x0, t, noise = make_batch(images, spec, 3, DistEnv())
+    diffusion = Diffusion(spec.diffusion)
+    obj = TrainingObjective(spec, diffusion, model, tmodel)
+    obj.prepare(x0, t, noise)
+    with torch.no_grad():
+        terms = obj(model, x0, t, noise, 5)
+        x_t = diffusion.q_sample(x0, t, noise)
+        eps_s = model(x_t, t)
+        reset_state(model)
+        eps_t = tmodel(x_t, t)
+    mse, to_teacher = float(torch.mean((eps_s - noise) ** 2)), float(torch.mean((eps_s - eps_t) ** 2))
+    assert float(terms["mse"]) == pytest.approx(mse, rel=1e-5)
+    assert float(terms["loss"]) == pytest.approx((1 - kd) * mse + kd * to_teacher, rel=1e-5)
+    assert ("kd" in terms) == (kd > 0) and (kd == 0 or float(terms["kd"]) == pytest.approx(to_teacher, rel=1e-5))
+    assert to_teacher < mse  # the teacher's eps is a far closer target than the noise: the two terms differ
+
+
+def test_output_distillation_needs_a_binarized_student(teacher):
+    from bdmtool.trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kd_weight"):
+        build_train_spec("tiny", "digits", 2, [*COMMON, "distill.kd_weight=0.5"])
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        _qat_spec(teacher, "baseline", 4, 2, "distill.kd_weight=2")

@@ -23,6 +23,7 @@ class TrainingObjective:
         self.dcfg = spec.distill
         self.distiller = Distiller(self.dcfg)
         self.uses_features = teacher is not None and (self.dcfg.lrm_weight > 0 or self.dcfg.spd_weight > 0)
+        self.uses_teacher_eps = teacher is not None and self.dcfg.kd_weight > 0
         if self.uses_features:
             sites = feature_sites(student)
             self.s_tap, self.t_tap = FeatureTap(student, sites), FeatureTap(teacher, sites)
@@ -61,9 +62,14 @@ class TrainingObjective:
         out = self.diffusion.training_losses(net, x0, t, noise)
         terms = {"mse": out["mse"]}
         total = out["mse"]
-        if self.uses_features:
+        if self.uses_features or self.uses_teacher_eps:
             with torch.no_grad():
-                self.teacher(out["x_t"], t)
+                eps_teacher = self.teacher(out["x_t"], t)
+        if self.uses_teacher_eps:  # output distillation: regress (partly) on the teacher's eps instead of the noise
+            kd = self.dcfg.kd_weight
+            terms["kd"] = torch.mean((out["eps_pred"] - eps_teacher) ** 2)
+            total = (1.0 - kd) * out["mse"] + kd * terms["kd"]
+        if self.uses_features:
             s_feats, t_feats = self.s_tap.features, self.t_tap.features
             if self.dcfg.lrm_weight > 0:
                 terms["lrm"] = lrm_loss(s_feats, t_feats, self.distiller.projections(), self.dcfg.lrm_axis)

@@ -280,9 +280,14 @@ class DistillConfig(Config):
     # step (-1.04 on the temb projections after 1,250 steps at lr 1e-3, 25x sigma_I), so dropping it at stage 2
     # is a shock. docs/methods.md, "EBB regulariser".
     ebb_reg: Literal["abs", "signed"] = "abs"
+    # bdmtool, not in either paper: the eps target is (1 - kd) * noise + kd * teacher's eps, i.e. the loss is
+    # (1 - kd) * MSE(eps, noise) + kd * MSE(eps, eps_teacher) up to a constant; 0 = the papers' noise target.
+    # docs/methods.md, "Output distillation".
+    kd_weight: float = 0.0
 
     def validate(self) -> None:
         check(self.lrm_weight >= 0 and self.spd_weight >= 0 and self.ebb_tau >= 0, "distill weights must be >= 0")
+        check(0.0 <= self.kd_weight <= 1.0, f"distill.kd_weight must be in [0, 1], got {self.kd_weight}")
         check(self.lrm_k >= 1 and self.spd_patches >= 1, "distill.lrm_k and distill.spd_patches must be >= 1")
 
 
@@ -315,6 +320,8 @@ class TrainSpec(Config):
               "--init is for full-precision training; a binarized student starts from --teacher")
         check(self.binarize is None or bool(self.teacher),
               "a binarized run needs a full-precision teacher: --teacher fp_model.ckpt")
+        check(self.distill.kd_weight == 0 or self.binarize is not None,
+              "distill.kd_weight distils a binarized student from its teacher: add --method and --teacher")
         check(self.unet.in_channels == self.data.channels,
               f"unet.in_channels={self.unet.in_channels} but data.channels={self.data.channels}; "
               "pick a preset with matching channels (tiny: 1, tiny-rgb/cifar10: 3) or set data.channels")
