@@ -211,12 +211,17 @@ def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: 
 
 
 def _bitplane_conv(builder: UNetBuilder, rec: dict, x):
-    """W1A4/W1A8: LSQ activations as +-1 bit planes, one same-zero ``LceBconv2d`` per plane and basis.
+    """W1A4/W1A8: LSQ activations as +-1 bit planes through ONE same-one ``LceBconv2d`` per layer.
 
     With q = round(clip(x/s, -2^(b-1), 2^(b-1)-1)) and u = q + 2^(b-1) = sum_k 2^k b_k, s_k = 2 b_k - 1:
     q = sum_k 2^(k-1) s_k - 1/2. The PyTorch layer pads q with Qp = 2^(b-1) - 1, i.e. every plane with +1, so
     conv(q, W) = sum_k 2^(k-1) conv1(s_k, W) - 1/2 conv1(1, W) with conv1 = LCE 'same-one' padding, and
-    conv1(1, W) = sum(W) per output channel: a constant that joins the bias (folded into the bconv).
+    conv1(1, W) = sum(W) per output channel: a constant that joins the bias.
+
+    The b planes are stacked along the batch axis and the EBB bases (two sign tensors) along the output
+    channels, so one bconv computes every conv1(s_k, W_j); a reshape, one multiply by 2^(k-1) s a_j and a sum
+    over planes and bases recombine them. (Before: b x bases separate bconvs, e.g. 292 for the tiny W1A4 U-Net;
+    one op per layer converts and runs faster and computes the same sums.)
     """
     _lsq_checks(rec)
     name, w = rec["name"], builder.w
@@ -225,27 +230,35 @@ def _bitplane_conv(builder: UNetBuilder, rec: dict, x):
     cout = rec["out_channels"]
     step = float(w.get(f"{name}.step"))
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    u = _const_op(lambda v: tf.clip_by_value(tf.round(v / step), qn, qp) - qn, f"{kn}__lsq")(x)  # 0..2^b-1
-    padding = "same" if p else "valid"
     bases = [(w.get(f"{name}.sign1").astype(np.float32), w.get(f"{name}.scale1", (cout,)))]
     if rec["two_bases"]:
         bases.append((w.get(f"{name}.sign2").astype(np.float32), w.get(f"{name}.scale2", (cout,))))
-    planes = [_const_op(lambda v, kk=kk: 2.0 * tf.math.floormod(tf.floor(v / 2.0**kk), 2.0) - 1.0,
-                        f"{kn}__plane{kk}")(u) for kk in range(bits)]
-    terms = []
-    for bi, (sgn, scale) in enumerate(bases):
-        for kk, plane in enumerate(planes):
-            conv = lq.layers.QuantConv2D(cout, k, strides=s, padding=padding, pad_values=1.0 if p else 0.0,
-                                         input_quantizer="ste_sign", kernel_quantizer="ste_sign",
-                                         kernel_constraint="weight_clip", use_bias=False, name=f"{kn}__b{bi}p{kk}")
-            y = conv(plane)
-            conv.set_weights([sgn.transpose(2, 3, 1, 0)])
-            mult = (step * 2.0 ** (kk - 1) * scale).astype(np.float32)
-            terms.append(_const_op(lambda v, c=mult: v * c, f"{kn}__b{bi}p{kk}__scale")(y))
-    # -1/2 * s * conv1(ones, W_b) = -1/2 * s * sum(W_b) per output channel (+ bias): one constant vector
+    nb = len(bases)
+
+    def planes(v):  # [N,H,W,C] -> the b planes of u = q - Qn in {-1,+1}, stacked: [b*N,H,W,C], plane-major
+        u = tf.clip_by_value(tf.round(v / step), qn, qp) - qn  # 0..2^b-1
+        return tf.concat([2.0 * tf.math.floormod(tf.floor(u / 2.0**kk), 2.0) - 1.0 for kk in range(bits)], axis=0)
+
+    stacked = _const_op(planes, f"{kn}__planes")(x)
+    conv = lq.layers.QuantConv2D(nb * cout, k, strides=s, padding="same" if p else "valid",
+                                 pad_values=1.0 if p else 0.0, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
+                                 kernel_constraint="weight_clip", use_bias=False, name=f"{kn}__bconv")
+    y = conv(stacked)
+    conv.set_weights([np.concatenate([sg for sg, _ in bases], axis=0).transpose(2, 3, 1, 0)])
+    # mult[k, j*cout + o] = s * 2^(k-1) * a_j[o]
+    mult = np.stack([np.concatenate([step * 2.0 ** (kk - 1) * sc for _, sc in bases]) for kk in range(bits)])
+    # -1/2 * s * conv1(ones, W_j) summed over bases = -1/2 * s * sum(sum_j a_j W_j) per output channel (+ bias)
     wb = sum(sc[:, None, None, None] * sg for sg, sc in bases).astype(np.float32)
     const = (-0.5 * step) * wb.sum(axis=(1, 2, 3))
     if rec["bias"]:
         const = const + w.get(f"{name}.bias", (cout,))
-    y = keras.layers.Add(name=f"{kn}__planes")(terms) if len(terms) > 1 else terms[0]
-    return _const_op(lambda v, c=const.astype(np.float32): v + c, f"{kn}__const")(y)
+
+    def combine(v, m=mult.astype(np.float32)[:, None, None, None, :], c=const.astype(np.float32)):
+        h, wd = v.shape[1], v.shape[2]  # static: the export's resolution is fixed
+        v = tf.reshape(v, [bits, -1, h, wd, nb * cout]) * m  # [b, N, H, W, bases*cout]
+        v = tf.reduce_sum(v, axis=0)
+        if nb > 1:
+            v = tf.reduce_sum(tf.reshape(v, [-1, h, wd, nb, cout]), axis=3)
+        return v + c
+
+    return _const_op(combine, f"{kn}__combine")(y)

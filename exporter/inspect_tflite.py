@@ -57,12 +57,12 @@ def layer_of(tensor_name: str, known: list[str] | None = None) -> str | None:
         return None
     seg = parts[1]
     if known:
-        hits = [n for n in known if seg == keras_name(n) or seg.startswith(keras_name(n) + "__")]  # incl. __b0p3
+        hits = [n for n in known if seg == keras_name(n) or seg.startswith(keras_name(n) + "__")]  # incl. __bconv
         return max(hits, key=len) if hits else None
     for suffix in _SUFFIXES:
         if seg.endswith(suffix):
             seg = seg[: -len(suffix)]
-    seg = re.sub(r"__b\d+p\d+$", "", seg)  # the bit planes of one W1A4/W1A8 layer
+    seg = re.sub(r"__(b\d+p\d+|bconv|planes|combine)$", "", seg)  # the bit-plane parts of one W1A4/W1A8 layer
     return torch_name(seg)
 
 

@@ -201,7 +201,7 @@ def test_fp_target_through_onnx2tf(tmp_path, teacher):
 
 
 def test_w1a4_bit_planes(tmp_path, teacher):
-    """BinaryDM W1A4 (default --a4 bitplanes): 4 same-one bconvs per layer (after the EBB stage switch), exact
+    """BinaryDM W1A4 (default --a4 bitplanes): one same-one bconv per layer (its 4 planes stacked on the batch axis), exact
     against PyTorch."""
     from bdmtool.exporter.inspect_tflite import inspect_model
     from bdmtool.tools.export import export_checkpoint
@@ -210,7 +210,7 @@ def test_w1a4_bit_planes(tmp_path, teacher):
                             overrides=[*COMMON, "binarize.ebb_stage2_step=2"])  # progressive done at 5
     res = export_checkpoint(train(spec, tmp_path / "bdm", progress=False), tmp_path / "e", log=lambda s: None)
     rep = res.report
-    assert rep["bconv_ops"] == 4 * rep["binary_layers"]
+    assert rep["bconv_ops"] == rep["binary_layers"]  # one bconv per layer: planes on the batch axis, bases on the channels
     # median (or max over certified inputs) within 1e-4; a flip on an uncertified input is reported, not hidden
     assert rep["stages"]["keras_vs_pytorch"] <= 1e-4 and rep["stages"]["tflite_vs_keras"] <= 1e-4
     inv = inspect_model(res.tflite.read_bytes())
@@ -245,7 +245,7 @@ def test_w1a4_int8_with_zero_padding(tmp_path, teacher):
 
 def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
     """W1A8: by default one int8 CONV_2D per binary layer (LSQ grid = int8 grid, +-a weights = int8), gated at
-    INT8_TOL; ``a8="bitplanes"`` gives 8 LceBconv2d per layer, gated at A8_TOL (~1e-6 float differences flip
+    INT8_TOL; ``a8="bitplanes"`` gives one LceBconv2d per layer (8 planes on the batch axis), gated at A8_TOL (~1e-6 float differences flip
     some of the 255 levels). A failed gate is a one-line CLI error, not a traceback."""
     import subprocess
 
@@ -288,7 +288,7 @@ def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
     assert len(errors) == 1 and not (tmp_path / "no" / "bundle").exists()
 
     bp = export_checkpoint(ckpt, tmp_path / "bp", a8="bitplanes", log=lambda s: None)
-    assert bp.report["bconv_ops"] == 8 * bp.report["binary_layers"] and bp.report["int8_conv_ops"] == 0
+    assert bp.report["bconv_ops"] == bp.report["binary_layers"] and bp.report["int8_conv_ops"] == 0
     assert bp.report["stages"]["tflite_vs_pytorch"] <= A8_TOL
     # no input certifies at 8 bits: each is held to its flip envelope, recorded per input
     assert len(bp.report["reference"]["flip_envelope"]) == len(bp.report["reference"]["timesteps"])
@@ -372,6 +372,53 @@ def test_int8_multibit_layer_is_exact_up_to_its_output_quantization(bits, act_pa
     bias_lsb = step * scale.max() / 127  # TFLite stores the bias as int32 at scale s_in * s_w: half of it may round
     assert err.max() <= 0.5 * lsb * (1 + 1e-4) + 0.5 * bias_lsb + 1e-6, (err.max(), lsb, bias_lsb)
     assert err.max() > 1e-3 * lsb  # it does round: the comparison is not trivially exact
+
+
+@pytest.mark.parametrize("bits,two_bases,stride", [(4, True, 1), (8, False, 2), (4, False, 1)])
+def test_bitplane_layer_is_one_bconv_and_exact(bits, two_bases, stride):
+    """One W1A4/W1A8 layer on the bit-plane path: ONE LceBconv2d (planes on the batch axis, EBB's two bases on the
+    output channels) whose recombined output equals the training semantics computed independently here (LSQ
+    levels, border padded with Qp s, sum of a_j sign_j filters, bias) to float rounding."""
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+    import torch
+    import torch.nn.functional as F
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    from bdmtool.exporter.binary_layers import binary_conv
+    from bdmtool.exporter.convert import convert
+    from bdmtool.exporter.inspect_tflite import inspect_model
+    from bdmtool.exporter.keras_unet import Weights
+
+    rng = np.random.default_rng(1)
+    pad = 1 if stride == 1 else 0  # the U-Net's stride-2 convs are 'valid' after an explicit (0,1,0,1) pad
+    cin, cout, step = 8, 16, 0.02 if bits == 8 else 0.3
+    signs = [np.where(rng.standard_normal((cout, cin, 3, 3)) >= 0, 1, -1).astype(np.int8) for _ in range(2)]
+    scales = [rng.uniform(0.2, 1.0, cout).astype(np.float32) for _ in range(2)]
+    bias = rng.normal(0, 0.1, cout).astype(np.float32)
+    x = rng.normal(0, 1.5, (1, 8, 8, cin)).astype(np.float32)
+    rec = {"name": "l", "abits": bits, "lsq_mode": "log", "act_scale": "none", "output_scale": False,
+           "post": "none", "shortcut": "none", "kernel": 3, "stride": stride, "padding": pad, "out_channels": cout,
+           "two_bases": two_bases, "bias": True, "act_pad": "top"}
+    w = Weights({"l.step": np.float32(step), "l.sign1": signs[0], "l.scale1": scales[0], "l.sign2": signs[1],
+                 "l.scale2": scales[1], "l.bias": bias})
+
+    qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = torch.from_numpy(np.clip(np.round(x / step), qn, qp) * step).permute(0, 3, 1, 2)
+    q = F.pad(q.double(), (pad,) * 4, value=qp * step)
+    kernel = sum(torch.from_numpy(sg.astype(np.float64) * sc[:, None, None, None])
+                 for sg, sc in list(zip(signs, scales))[: 2 if two_bases else 1])
+    want = F.conv2d(q, kernel, torch.from_numpy(bias).double(), stride=stride).permute(0, 2, 3, 1).numpy()
+
+    inp = tf.keras.Input((8, 8, cin), batch_size=1)
+    model = tf.keras.Model(inp, binary_conv(SimpleNamespace(w=w, float_layers={}), rec, inp, a8="bitplanes"))
+    fb = convert(model, log=lambda s: None)
+    inv = inspect_model(fb, ["l"])
+    assert inv.histogram.get("LceBconv2d") == 1 and not inv.fallbacks
+    got = Interpreter(fb, num_threads=1).predict(x)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
 
 
 def test_gate_allows_an_uncertified_input_its_flip_envelope_and_no_more():

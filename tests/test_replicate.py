@@ -85,7 +85,7 @@ def test_replicate_bad_arguments_are_one_line_errors(tmp_path):
     for args, words in ((["--tables", "nope"], "unknown table"), (["--only", "xnor_w1a1"], "is not a run of"),
                         (["--teacher", str(tmp_path / "missing.ckpt")], "not found"), (["--jobs", "0"], "--jobs"),
                         (["--n", "0"], "--n must be >= 1"), (["--n", "1"], "--n must be >= 2"),
-                        (["--budget", "nan"], "finite number"),
+                        (["--budget", "nan"], "finite number"), (["--report-only"], "has finished"),
                         (["--teacher", os.path.join(bdmtool.ASSETS, "tiny_mnist_xnor_w1a1.ckpt")], "binarized")):
         r = _run(["--out", str(tmp_path / "o"), "--tables", "binarydm_t1", *args] if "--tables" not in args
                  else ["--out", str(tmp_path / "o"), *args], timeout=120)

@@ -211,6 +211,9 @@ def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, onl
     keys = tuple(k.strip() for k in only.split(",") if k.strip())
     scores = {} if report_only else run_replication(out, chosen, b, teacher, jobs=jobs, only=keys, log=click.echo)
     scores = {**finished_scores(out, chosen, b, teacher), **scores}  # rows another worker or --only run finished
+    if report_only and not scores:
+        raise ValueError(f"no run under {out}/runs has finished at this budget ({b.steps} steps, N = {b.n_samples}): "
+                         f"run `bdmtool replicate --out {out}` first, or pass the --budget/--steps/--n it used")
     md, js = write_report(out, scores, chosen, b, teacher, environment(jobs))
     click.echo(f"[replicate] wrote {md} and {js}")
 
