@@ -4,5 +4,5 @@ from .report import summarize, write_report
 from .run import ReplicationBudget, environment, finished_scores, run_replication
 from .tables import ARMS, TABLES, arms_for
 
-__all__ = ["ARMS", "TABLES", "ReplicationBudget", "arms_for", "environment", "finished_scores", "run_replication", "summarize",
-           "write_report"]
+__all__ = ["ARMS", "TABLES", "ReplicationBudget", "arms_for", "environment", "finished_scores", "run_replication",
+           "summarize", "write_report"]

@@ -79,6 +79,16 @@ def _score_params(arm: Arm, b: ReplicationBudget, teacher: str) -> dict:
             "teacher": teacher}
 
 
+def _finished(arm: Arm, b: ReplicationBudget, teacher: str, out: str | os.PathLike) -> dict | None:
+    """The arm's score record when it was finished at these parameters (marked reused), else None."""
+    path = Path(out) / "runs" / arm.key / "score.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return {**done, "reused": True} if done.get("params") == json.loads(json.dumps(_score_params(arm, b, teacher))) \
+        else None
+
+
 def run_arm(arm: Arm, b: ReplicationBudget, teacher: str, out: str, threads: int, progress: bool = False) -> dict:
     """Train (or reuse) one arm and score it (or reuse its score); returns the score record."""
     import torch
@@ -96,10 +106,9 @@ def run_arm(arm: Arm, b: ReplicationBudget, teacher: str, out: str, threads: int
     folder = Path(out) / "runs" / arm.key
     score_path = folder / "score.json"
     params = _score_params(arm, b, teacher)
-    if score_path.is_file():
-        done = json.loads(score_path.read_text())
-        if done.get("params") == json.loads(json.dumps(params)):
-            return {**done, "reused": True}
+    done = _finished(arm, b, teacher, out)
+    if done is not None:
+        return done
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if arm.method is None:
@@ -134,14 +143,8 @@ def finished_scores(out: str | os.PathLike, tables: tuple[str, ...], budget: Rep
                     teacher: str) -> dict[str, dict]:
     """Scores already on disk for every arm of ``tables`` at this budget (others, e.g. from a different step count,
     are ignored): the report of an ``--only`` run or of a second worker still shows every finished row."""
-    found = {}
-    for arm in arms_for(tables, budget.seeds, ()):
-        path = Path(out) / "runs" / arm.key / "score.json"
-        if path.is_file():
-            done = json.loads(path.read_text())
-            if done.get("params") == json.loads(json.dumps(_score_params(arm, budget, teacher))):
-                found[arm.key] = {**done, "reused": True}
-    return found
+    found = {arm.key: _finished(arm, budget, teacher, out) for arm in arms_for(tables, budget.seeds, ())}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def environment(jobs: int) -> dict:
