@@ -3,6 +3,7 @@ the report's numbers are the runs' own metrics, the orderings follow from them, 
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -69,6 +70,24 @@ def test_replicate_two_configurations_report_matches_the_runs_and_reruns_reuse(t
     assert again.returncode == 0 and again.stdout.count("(reused)") == 4, again.stdout[-2000:]
     assert json.loads((out / "report.json").read_text())["tables"] == rep["tables"]
 
+    # what a fresh clone holds of a committed replication folder (the .gitignore keeps score.json and the grid of
+    # each run, not its checkpoints), with the teacher at another path: every score is reused, nothing retrains
+    clone, moved = tmp_path / "clone", tmp_path / "elsewhere" / "teacher.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(fp, moved)
+    for k in keys:
+        assert scores[k]["grid"] == f"runs/{k}/samples.png"
+        (clone / "runs" / k).mkdir(parents=True)
+        for name in ("score.json", "samples.png"):
+            shutil.copy(out / "runs" / k / name, clone / "runs" / k / name)
+    cloned = _run(["--out", str(clone), *args[2:-2], "--teacher", str(moved)])
+    assert cloned.returncode == 0 and cloned.stdout.count("(reused)") == 4, cloned.stdout[-2000:]
+    assert json.loads((clone / "report.json").read_text())["tables"] == rep["tables"]
+    with open(moved, "ab") as f:  # other weights: the scores are not theirs
+        f.write(b"\0")
+    changed = _run(["--out", str(clone), *args[2:-2], "--teacher", str(moved), "--report-only"])
+    assert changed.returncode == 1 and "has finished" in changed.stderr, changed.stderr[-1500:]
+
     # a worker running one row (--only) must not shrink the report to that row; --report-only trains nothing
     one = _run([*args[:4], "--only", "binarydm_w1a4", *args[6:]])
     assert one.returncode == 0 and one.stdout.count("(reused)") == 1, one.stdout[-2000:]
@@ -91,3 +110,18 @@ def test_replicate_bad_arguments_are_one_line_errors(tmp_path):
                  else ["--out", str(tmp_path / "o"), *args], timeout=120)
         assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
         assert r.stderr.strip().splitlines()[-1].startswith("Error:") and words in r.stderr, (args, r.stderr)
+
+
+def test_the_committed_replication_record_is_reports_scores_and_grids_only():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
+
+    kept = ["replication/report.md", "replication/report.json", "replication/runs/xnor_w1a1/score.json",
+            "replication/runs/xnor_w1a1/samples.png"]
+    dropped = ["replication/runs/xnor_w1a1/model.ckpt", "replication/runs/xnor_w1a1/state.ckpt",
+               "replication/runs/xnor_w1a1/samples.npz", "replication/runs/xnor_w1a1/metrics.jsonl"]
+    assert not any(map(ignored, kept)) and all(map(ignored, dropped))

@@ -9,6 +9,7 @@ reference); a later call with the same parameters reuses it, a different budget 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -23,7 +24,26 @@ from bdmtool.trainer.runtime.threads import allowed_cpus
 
 from .tables import Arm, arms_for
 
-SCORE_VERSION = 1
+SCORE_VERSION = 2  # 2: the teacher is identified by its content (sha256), not its path
+
+
+def teacher_id(teacher: str | os.PathLike) -> str:
+    """``sha256:`` and the first 16 hex digits of the teacher file's sha256: a score stays valid when the checkout
+    or the file moves (a committed replication folder is reused by a fresh clone) and is recomputed when the
+    weights change."""
+    st = os.stat(teacher)
+    return _content_id(str(teacher), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _content_id(teacher: str, mtime_ns: int, size: int) -> str:  # stat in the key: a rewritten file is rehashed
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(teacher, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()[:16]}"
 
 
 @dataclass(frozen=True)
@@ -76,7 +96,7 @@ def _score_params(arm: Arm, b: ReplicationBudget, teacher: str) -> dict:
                                            "warmup_steps": b.warmup_steps}
     return {"version": SCORE_VERSION, "arm": asdict(arm), **train, "n_samples": b.n_samples,
             "n_reference": b.n_reference, "sample_steps": b.sample_steps, "sample_seed": b.sample_seed,
-            "teacher": teacher}
+            "teacher": teacher_id(teacher)}
 
 
 def _finished(arm: Arm, b: ReplicationBudget, teacher: str, out: str | os.PathLike) -> dict | None:
