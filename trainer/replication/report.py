@@ -76,7 +76,8 @@ def _f(v, fmt=".2f") -> str:
 def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, environment: dict) -> str:
     b = budget
     lines = ["# Mini-replication of BinaryDM and BiDM", "",
-             f"Every run: {b.steps} QAT steps × batch {b.batch_size} from `{Path(teacher).name}` ({teacher_id(teacher)}), lr {b.lr:g} (cosine, "
+             f"Every run: {b.steps} QAT steps × batch {b.batch_size} from `{Path(teacher).name}` "
+             f"({teacher_id(teacher)}), lr {b.lr:g} (cosine, "
              f"{b.warmup_steps} warm-up steps), bdmtool's defaults of each method (docs/methods.md). Scores: "
              f"{b.n_samples} DDIM-{b.sample_steps} samples (seed {b.sample_seed}, x0 clipping) vs {b.n_reference} "
              "images of the teacher's training data (MNIST-5k for the embedded teacher). The papers' FIDs are on "
@@ -103,7 +104,8 @@ def write_report(out: str | os.PathLike, scores: dict[str, dict], tables: tuple[
                  budget: ReplicationBudget, teacher: str, environment: dict) -> tuple[Path, Path]:
     summary = summarize(scores, tables)
     out = Path(out)
-    doc = {"budget": budget.__dict__, "teacher": Path(teacher).name, "teacher_id": teacher_id(teacher), "environment": environment, **summary,
+    doc = {"budget": budget.__dict__, "teacher": Path(teacher).name, "teacher_id": teacher_id(teacher),
+           "environment": environment, **summary,
            "summary_markdown": summary_markdown(summary),
            "runs": {k: {kk: v for kk, v in r.items() if kk not in ("params", "reused")} for k, r in scores.items()}}
     md, js = out / "report.md", out / "report.json"

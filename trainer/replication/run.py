@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bdmtool.files import atomic_write
+from bdmtool.files import atomic_write, file_sha256
 from bdmtool.trainer.runtime.threads import allowed_cpus
 
 from .tables import Arm, arms_for
@@ -37,13 +37,7 @@ def teacher_id(teacher: str | os.PathLike) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _content_id(teacher: str, mtime_ns: int, size: int) -> str:  # stat in the key: a rewritten file is rehashed
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(teacher, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()[:16]}"
+    return f"sha256:{file_sha256(teacher)[:16]}"
 
 
 @dataclass(frozen=True)
