@@ -31,6 +31,20 @@ def test_every_table_names_known_arms_and_each_claim_compares_two_of_its_rows():
         arms_for(("nope",), 1)
 
 
+def test_only_selects_rows_their_seeds_and_single_seed_runs():
+    t = tuple(TABLES)
+    pair = [a.key for a in arms_for(t, 3, ("xnor_w1a1", "bidm_w1a1"))]
+    assert pair == ["xnor_w1a1", "bidm_w1a1", "bidm_w1a1_seed1", "xnor_w1a1_seed1", "bidm_w1a1_seed2",
+                    "xnor_w1a1_seed2"]
+    assert [a.key for a in arms_for(t, 3, ("bidm_w1a1",))] == ["bidm_w1a1"]  # no partner: no extra seeds
+    one = arms_for(t, 3, ("baseline_w1a4_seed2",))
+    assert [(a.key, a.seed, a.method) for a in one] == [("baseline_w1a4_seed2", 2, "baseline")]
+    with pytest.raises(ValueError, match="baseline_w1a4_seed2"):
+        arms_for(t, 2, ("baseline_w1a4_seed2",))  # seed 2 does not exist with --seeds 2
+    with pytest.raises(ValueError, match="fp_seed1"):
+        arms_for(t, 3, ("fp_seed1",))
+
+
 def _run(args, timeout=900):
     return subprocess.run([*bdmtool_cmd(), "replicate", *args], capture_output=True, text=True, timeout=timeout)
 

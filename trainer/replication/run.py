@@ -76,6 +76,8 @@ def arm_overrides(arm: Arm, b: ReplicationBudget, threads: int) -> list[str]:
 
 def arm_command(arm: Arm, b: ReplicationBudget, teacher: str, threads: int) -> str:
     """The equivalent CLI command of one arm's training (written into the report)."""
+    rel = os.path.relpath(teacher)
+    teacher = teacher if rel.startswith("..") else rel  # a path a reader can rerun from the checkout
     if arm.method is None:
         return f"(the teacher itself: {teacher})"
     sets = " ".join(f"--set {o}" for o in arm_overrides(arm, b, threads))

@@ -120,13 +120,16 @@ def arms_for(tables: tuple[str, ...], seeds: int, only: tuple[str, ...] = ()) ->
     keys: list[str] = []
     for t in tables:
         keys += [k for k, _ in TABLES[t].rows if k not in keys]
+    extra = [(a, b, s) for a, b in HEADLINE_PAIRS if a in keys and b in keys for s in range(1, seeds)]
+    seeded = {f"{k}_seed{s}": ARMS[k].with_seed(s) for a, b, s in extra for k in (a, b)}
     if only:
-        missing = [k for k in only if k not in keys]
+        missing = [k for k in only if k not in keys and k not in seeded]
         if missing:
-            raise ValueError(f"--only {missing[0]!r} is not a run of {', '.join(tables)}; choose from {keys}")
-        keys = [k for k in keys if k in only]
-    arms = [ARMS[k] for k in keys]
-    for a, b in HEADLINE_PAIRS:
-        if a in keys and b in keys:
-            arms += [ARMS[k].with_seed(s) for s in range(1, seeds) for k in (a, b)]
-    return arms
+            raise ValueError(f"--only {missing[0]!r} is not a run of {', '.join(tables)} at {seeds} seed(s); "
+                             f"choose from {keys + list(seeded)}")
+        # a headline arm brings its extra seeds (when its partner is chosen too); a `<key>_seed<k>` is that run alone
+        chosen = [k for k in keys if k in only]
+        pairs = [(a, b) for a, b in HEADLINE_PAIRS if a in chosen and b in chosen]
+        return [ARMS[k] for k in chosen] + [arm for key, arm in seeded.items()
+                                            if key in only or any(key.startswith(f"{k}_seed") for p in pairs for k in p)]
+    return [ARMS[k] for k in keys] + list(seeded.values())
