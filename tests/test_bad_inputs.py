@@ -271,6 +271,14 @@ def _cases():
         ("bench-runs-0", ["bench", P("junk.tflite"), "--runs", "0", "--out", O("b5")], "--runs"),
         ("bench-device-unknown", ["bench", P("junk.tflite"), "--device", "usb:3", "--out", O("b6")], "usb:3"),
         ("bench-compare-bad-json", ["bench", "--compare", P("badside.json"), P("badside.json")], "badside.json"),
+        # --- replicate (refused before any training)
+        ("replicate-jobs-0", ["replicate", "--jobs", "0", "--out", O("r1")], "--jobs"),
+        ("replicate-only-unknown", ["replicate", "--only", "fp_seed1", "--out", O("r2")], "fp_seed1"),
+        ("replicate-teacher-binary", ["replicate", "--teacher", F("student"), "--out", O("r3")], "binarized"),
+        ("replicate-teacher-empty", ["replicate", "--teacher", P("empty.ckpt"), "--out", O("r4")], "empty.ckpt"),
+        ("replicate-n-1", ["replicate", "--n", "1", "--out", O("r5")], "--n"),
+        ("replicate-report-only-empty", ["replicate", "--report-only", "--out", O("r6")], "has finished"),
+        ("replicate-table-unknown", ["replicate", "--tables", "t9", "--out", O("r7")], "t9"),
         # --- demo
         ("demo-budget-0", ["demo", "--budget", "0", "--out", O("m1")], "--budget"),
         ("demo-device-bad", ["demo", "--device", "usb:NOPE", "--out", O("m2")], "usb:NOPE"),
@@ -309,7 +317,7 @@ def test_case_table_is_large_and_covers_every_command():
     assert len(CASES) >= 60
     commands = {c[1][0] for c in CASES}
     assert commands >= {"train", "sample", "eval", "export", "import", "ops", "inspect", "pack", "diagnose",
-                        "bench", "demo"}
+                        "bench", "demo", "replicate"}
 
 
 def test_training_that_diverges_stops_and_keeps_the_last_good_checkpoint(tmp_path):
