@@ -226,6 +226,8 @@ def _cases():
         ("export-tol-negative", ["export", F("student"), "--tol", "-1", "--out", O("x5")], "--tol"),
         ("export-negative-lsq-step", ["export", F("negstep"), "--out", O("x10")], "non-positive learned LSQ step"),
         ("export-unfinished-progressive", ["export", F("student"), "--out", O("x9")], "--allow-float-layers"),
+        ("export-name-escapes-out", ["export", F("student"), "--name", "../evil", "--out", O("x11")], "--name"),
+        ("export-name-empty", ["export", F("fp"), "--target", "fp", "--name", "", "--out", O("x12")], "--name"),
         ("export-out-under-file", ["export", F("fp"), "--target", "fp", "--out", UNDER_FILE("x")], "a_file"),
         ("export-dorefa-codes", ["export", F("dorefa"), "--out", O("x7")], "DoReFa"),
         ("export-per-batch-lsq", ["export", F("per_batch"), "--out", O("x8")], "lsq_step=log"),

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
+
+
+_SAFE_NAME = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,100}")  # no separators, no '..' escape, no hidden files
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
@@ -18,6 +22,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         ckpt = fp_source(ckpt)
     if tol is not None and not tol >= 0:
         raise ValueError(f"--tol must be >= 0, got {tol}")
+    if name is not None and not _SAFE_NAME.fullmatch(name):
+        raise ValueError(f"--name {name!r} is not a plain file name: use letters, digits, '.', '_' or '-' (the files "
+                         "go into --out; pass a different --out to write elsewhere)")
     if target == "lce":  # refuse in a second what the exporter would refuse (or silently accept) after minutes
         preflight(ckpt, a8, a4, allow_float_layers, log)
         log("[preflight] checkpoint is exportable")
