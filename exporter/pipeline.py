@@ -21,7 +21,7 @@ import bdmtool  # noqa: F401
 from .convert import convert, convert_float
 from .inspect_tflite import inspect_model, io_names, max_abs, verify_binary_layers
 from .runtime import KerasDenoiser, TFLiteDenoiser, ddim_schedule
-from ..files import atomic_write
+from ..files import atomic_write, file_sha256
 
 
 class ParityError(ValueError):
@@ -124,14 +124,15 @@ def _expected(ref: dict) -> list[np.ndarray]:
 
 
 def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names: list[str] = ("eps",),
-            cache_shapes: dict | None = None) -> dict:
-    """What an app embedding the model needs to know, as JSON."""
+            cache_shapes: dict | None = None, model_sha256: str | None = None) -> dict:
+    """What an app embedding the model needs to know, as JSON (``model_sha256``: the .tflite it describes)."""
     spec = meta["spec"]
     dcfg = spec["diffusion"]
     ddim, abar, T = ddim_schedule(spec, steps)
     b = spec.get("binarize")
     return {
-        "model": f"{name}.tflite", "target": target, "format": "bdmtool-sidecar", "version": 1,
+        "model": f"{name}.tflite", "model_sha256": model_sha256, "target": target, "format": "bdmtool-sidecar",
+        "version": 1,
         "method": b["method"] if b else "fp", "bits": {"weights": 1 if b else 32, "activations": b["abits"] if b else 32},
         "source_checkpoint_sha256": meta["source_sha256"], "source_step": meta["step"],
         "inputs": [{"name": "x", "tflite_name": inv.inputs[[d["shape"] for d in inv.inputs].index(
@@ -278,7 +279,8 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     report["binary_param_bytes"], report["float_param_bytes"] = inv.binary_param_bytes, inv.float_param_bytes
     report["int8_param_bytes"] = inv.int8_param_bytes
     side = sidecar(meta, inv, name, target, out_names=out_names,
-                   cache_shapes={c.name.split(":")[0]: list(c.shape) for c in builder.cache_inputs})
+                   cache_shapes={c.name.split(":")[0]: list(c.shape) for c in builder.cache_inputs},
+                   model_sha256=file_sha256(path))
     if kernel:
         side["bits"][f"a{abits}_kernel"] = kernel
     if "cached_step_tflite_vs_pytorch" in report["stages"]:
@@ -336,7 +338,8 @@ def export_onnx2tf(bundle_dir: str | Path, onnx_path: str | Path, out_dir: str |
     report = {"name": name, "target": "fp", "stages": {"tflite_vs_pytorch": err}, "ops": dict(inv.histogram),
               "bconv_ops": 0, "binary_layers": 0, "file_bytes": inv.file_bytes,
               "binary_param_bytes": 0, "float_param_bytes": inv.float_param_bytes}
-    side = sidecar({**meta, "spec": {**meta["spec"], "binarize": None}}, inv, name, "fp")
+    side = sidecar({**meta, "spec": {**meta["spec"], "binarize": None}}, inv, name, "fp",
+                   model_sha256=file_sha256(path))
     side["inputs"][0]["tflite_name"] = inv.inputs[in_names.index("x")]["name"]
     t_shape = inv.inputs[in_names.index("t")]["shape"]
     if list(t_shape) != [1, 1]:

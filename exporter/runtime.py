@@ -85,6 +85,18 @@ class KerasDenoiser(Denoiser):
         return [o.numpy() for o in out]
 
 
+def check_sidecar_matches(tflite: str | Path, side: dict, side_path: str | Path) -> None:
+    """Refuse a sidecar written for another .tflite (its ``model_sha256``; sidecars from before that field pass):
+    a swapped or stale sidecar would run the model with another schedule, cache protocol or I/O order."""
+    from bdmtool.files import FileFormatError, file_sha256
+
+    want = side.get("model_sha256") if isinstance(side, dict) else None
+    if want and file_sha256(tflite) != want:
+        raise FileFormatError(f"{side_path} describes another .tflite (sha256 {want[:12]}…, {Path(tflite).name} is "
+                              f"{file_sha256(tflite)[:12]}…): keep each .tflite with the .json exported with it, "
+                              "or re-export")
+
+
 class TFLiteDenoiser(Denoiser):
     """The LCE interpreter (bconvs with ``use_indirect_bgemm``, fast on x86) on a flatbuffer + its sidecar."""
 
@@ -111,6 +123,7 @@ class TFLiteDenoiser(Denoiser):
         from .inspect_tflite import check_tflite_file
 
         meta = read_json(side, "sidecar written by `bdmtool export`")
+        check_sidecar_matches(path, meta, side)
         try:
             outputs = meta["tflite_io_order"]["outputs"]
         except (KeyError, TypeError):

@@ -94,6 +94,8 @@ def w(tmp_path_factory):
     (d / "nosidecar.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
     (d / "badside.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
     (d / "badside.json").write_text("{not json")
+    (d / "stale.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
+    (d / "stale.json").write_text(json.dumps({"model_sha256": "0" * 64, "tflite_io_order": {"outputs": ["eps"]}}))
     # data
     np.savez(d / "nan.npz", arr_0=np.full((8, 32, 32, 1), np.nan, np.float32))
     np.savez(d / "small.npz", arr_0=np.zeros((16, 16, 16, 1), np.uint8))
@@ -205,6 +207,9 @@ def _cases():
          "nosidecar.json"),
         ("sample-tflite-bad-sidecar", ["sample", "--tflite", P("badside.tflite"), "--n", "1", "--out", O("s19")],
          "badside.json"),
+        ("sample-tflite-stale-sidecar", ["sample", "--tflite", P("stale.tflite"), "--n", "1", "--out", O("s21")],
+         "describes another .tflite"),
+        ("eval-tflite-stale-sidecar", ["eval", P("stale.tflite"), "--n", "2", "--out", O("e11")], "stale.json"),
         ("sample-no-ema-on-model", ["sample", F("fp"), "--no-ema", "--n", "1", "--out", O("s20")], "--no-ema"),
         # --- eval
         ("eval-ref-missing", ["eval", P("small.npz"), "--ref", "npz:/nonexistent.npz", "--out", O("e1")], "--ref"),

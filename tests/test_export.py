@@ -70,6 +70,15 @@ def test_w1a1_export_has_one_bconv_per_binary_layer_and_parity(tmp_path, teacher
     assert side["inputs"][1]["name"] == "t" and len(side["schedule"]["alphas_cumprod"]) == 1000
     assert side["sampler"]["timesteps"][:2] == [980, 960]
     assert len(side["source_checkpoint_sha256"]) == 64
+    from bdmtool.exporter.runtime import TFLiteDenoiser
+    from bdmtool.files import FileFormatError, file_sha256
+
+    assert side["model_sha256"] == file_sha256(res.tflite)  # the sidecar names the one file it describes
+    other = tmp_path / "other.tflite"  # a re-exported or edited model next to a stale sidecar is refused
+    other.write_bytes(res.tflite.read_bytes() + b"\0" * 8)
+    other.with_suffix(".json").write_text(res.sidecar.read_text())
+    with pytest.raises(FileFormatError, match="describes another .tflite"):
+        TFLiteDenoiser.from_file(other)
     if method == "bidm":  # cross-timestep cache: explicit inputs/outputs, checked on a cached second step
         sites = [c["site"] for c in side["cache_tensors"]]
         assert sites == meta["timestep_cache"]["sites"] and len(sites) == 3

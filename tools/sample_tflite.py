@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bdmtool.exporter.inspect_tflite import inspect_file
+from bdmtool.exporter.runtime import check_sidecar_matches
 from bdmtool.files import read_json
 
 CHUNK = 8
@@ -63,6 +64,16 @@ def _sample_range(tflite: str, start: int, stop: int, opts, threads: int = 1) ->
     return np.concatenate(images)
 
 
+def default_workers() -> int:
+    """One single-threaded interpreter process per core this command may use: the thread count the CLI chose
+    (``OMP_NUM_THREADS``, set from BDMTOOL_THREADS or the cores other processes leave idle), else the CPU
+    affinity's cores (`taskset -c 1` means one)."""
+    from bdmtool.trainer.runtime.threads import allowed_cpus
+
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    return int(n) if n.isdigit() and int(n) > 0 else len(allowed_cpus())
+
+
 def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
                   workers: int | None = None) -> tuple[Path, Path]:
     from bdmtool.trainer.sampling import write_samples
@@ -72,9 +83,10 @@ def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
     if not side_path.exists():
         raise FileNotFoundError(f"{side_path} (the sidecar written by `bdmtool export`) is needed to run {tflite.name}")
     side = read_json(side_path, "sidecar written by `bdmtool export`")
+    check_sidecar_matches(tflite, side, side_path)
     inspect_file(tflite)  # a damaged file fails here, in one line, before any worker starts
     chunks = [(s, min(s + CHUNK, opts.n)) for s in range(0, opts.n, CHUNK)]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(chunks)))
+    workers = max(1, min(workers or default_workers(), len(chunks)))
     parts: dict[int, np.ndarray] = {}
     bar = tqdm(total=opts.n, desc=f"sampling {tflite.name} ({workers} process{'es' if workers > 1 else ''})",
                unit="img")
