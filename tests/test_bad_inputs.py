@@ -288,6 +288,11 @@ def _cases():
         ("replicate-table-unknown", ["replicate", "--tables", "t9", "--out", O("r7")], "t9"),
         # --- demo
         ("demo-budget-0", ["demo", "--budget", "0", "--out", O("m1")], "--budget"),
+        ("demo-n-1", ["demo", "--n", "1", "--out", O("m3")], "--n"),  # FID failed after minutes of sampling
+        ("demo-qat-batch-0", ["demo", "--qat-batch", "0", "--out", O("m4")], "--qat-batch"),
+        ("demo-qat-steps-0", ["demo", "--qat-steps", "0", "--out", O("m5")], "--qat-steps"),
+        ("demo-steps-too-many", ["demo", "--steps", "5000", "--out", O("m6")], "--steps"),
+        ("demo-budget-inf", ["demo", "--budget", "inf", "--out", O("m7")], "--budget"),
         ("demo-device-bad", ["demo", "--device", "usb:NOPE", "--out", O("m2")], "usb:NOPE"),
     ]
     return c

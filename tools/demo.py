@@ -54,9 +54,18 @@ class DemoBudget:
     clip_x0: bool = True  # every sampler (PyTorch and .tflite) clamps the predicted x0 to [-1, 1]
     students: tuple[str, ...] = STUDENTS  # which shipped students to sample, export and benchmark
 
+    def __post_init__(self):  # refused in the first second, not at the stage that would fail after minutes
+        for flag, v, low in (("--qat-steps", self.qat_steps, 1), ("--qat-batch", self.qat_batch, 1),
+                             ("--n", self.n_samples, 2), ("--steps", self.steps, 1), ("bench runs", self.bench_runs, 1)):
+            if v < low:
+                raise ValueError(f"{flag} must be >= {low}{' (FID needs two samples)' if flag == '--n' else ''}, "
+                                 f"got {v}")
+        if self.steps > 1000:
+            raise ValueError(f"--steps must be in [1, 1000] (the embedded model's training timesteps), got {self.steps}")
+
     def scaled(self, k: float) -> "DemoBudget":
-        if k <= 0:
-            raise ValueError(f"--budget must be > 0, got {k}")
+        if not k > 0 or k == float("inf"):
+            raise ValueError(f"--budget must be a finite number > 0, got {k}")
         return DemoBudget(max(1, round(self.qat_steps * k)), self.qat_batch, max(4, round(self.n_samples * k)),
                           min(5000, max(16, round(self.n_reference * k))), self.steps, self.seed, self.bench_runs,
                           self.clip_x0, self.students)
