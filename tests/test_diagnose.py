@@ -5,6 +5,7 @@ import math
 import subprocess
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import MICRO_UNET, bdmtool_cmd
@@ -45,6 +46,7 @@ def test_report_of_a_zero_predictor():
         assert r["dc_slope"] == 0.0 and 0.8 < r["mse"] < 1.2
         assert math.isclose(r["x0_dc_rms"], r["dc_rms"] * math.sqrt((1 - abar) / abar), rel_tol=1e-12)
     assert high_t_slope(rep["models"]["zero"]) == 0.0
+    assert high_t_slope(rep["models"]["zero"], t_min=10_000) is None  # no NaN in diagnose.json
 
 
 def test_diagnose_command_on_a_teacher_and_two_students(tmp_path):
@@ -63,3 +65,22 @@ def test_diagnose_command_on_a_teacher_and_two_students(tmp_path):
     bad = subprocess.run([*bdmtool_cmd(), "diagnose", ckpts[0], "--timesteps", "5000", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "--timesteps must lie in" in bad.stderr
+
+
+def test_recorded_teacher_is_found_from_another_folder(tmp_path, monkeypatch):
+    """A spec written in a checkout records its teacher relative to it (bdmtool/assets/...); diagnose run from
+    elsewhere finds it above the student, or next to it, and otherwise asks for --teacher in one line."""
+    from bdmtool.tools.diagnose import recorded_teacher
+
+    assets = tmp_path / "repo" / "bdmtool" / "assets"
+    assets.mkdir(parents=True)
+    (assets / "fp.ckpt").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert recorded_teacher(assets / "s.ckpt", "bdmtool/assets/fp.ckpt") == str(assets / "fp.ckpt")
+    copy = tmp_path / "copies"
+    copy.mkdir()
+    (copy / "fp.ckpt").write_bytes(b"x")
+    assert recorded_teacher(copy / "s.ckpt", "/gone/fp.ckpt") == str(copy / "fp.ckpt")  # next to the student
+    with pytest.raises(ValueError, match="--teacher"):
+        recorded_teacher(tmp_path / "elsewhere" / "s.ckpt", "bdmtool/assets/fp.ckpt")

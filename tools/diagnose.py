@@ -23,7 +23,9 @@ def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: i
         model, spec, _ = load_model(c)
         loaded[c] = (model, spec)
     first_spec = loaded[ckpts[0]][1]
-    teacher = teacher or next((s.teacher for _, s in loaded.values() if s.teacher), None)
+    if teacher is None:
+        recorded = next(((c, s.teacher) for c, (_, s) in loaded.items() if s.teacher), None)
+        teacher = recorded_teacher(*recorded) if recorded else None
     if teacher in loaded:
         raise ValueError(f"--teacher {teacher} is also one of the checkpoints to diagnose; pass the FP teacher")
     models = {}
@@ -54,6 +56,24 @@ def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: i
     png = plot_passthrough(rep, out / "diagnose.png")
     for k, v in rep["high_t_slope"].items():
         mse_hi = [r["mse"] for r in rep["models"][k] if r["t"] >= 500]
-        log(f"[diagnose] {k}: DC slope at t>=500 {v:.2f}, eps-MSE at t>=500 {sum(mse_hi) / max(len(mse_hi), 1):.4f}")
+        if v is None:
+            log(f"[diagnose] {k}: no probed t >= 500 (see the table for each t)")
+        else:
+            log(f"[diagnose] {k}: DC slope at t>=500 {v:.2f}, eps-MSE at t>=500 {sum(mse_hi) / len(mse_hi):.4f}")
     log(f"[diagnose] wrote {out / 'diagnose.json'}, {out / 'diagnose.md'} and {png}")
     return rep
+
+
+def recorded_teacher(student: str | Path, recorded: str) -> str:
+    """The teacher path a student's spec records, found from here, or else relative to a folder above the student
+    (a spec written in a checkout records ``bdmtool/assets/...`` relative to it) or next to it."""
+    rec = Path(recorded)
+    if rec.is_file():
+        return recorded
+    here = Path(student).resolve().parent
+    candidates = [] if rec.is_absolute() else [d / rec for d in (here, *here.parents)]
+    for c in [*candidates, here / rec.name]:
+        if c.is_file():
+            return str(c)
+    raise ValueError(f"the teacher recorded in {student} ({recorded}) is not here, above or next to it; pass "
+                     "--teacher FP_CHECKPOINT")

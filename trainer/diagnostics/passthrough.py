@@ -73,10 +73,11 @@ def passthrough_report(models: dict[str, torch.nn.Module], diffusion: Diffusion,
     return out
 
 
-def high_t_slope(rows: list[dict], t_min: int = 500) -> float:
-    """Mean DC slope over the probed timesteps t >= t_min (the regime where DDIM amplifies DC errors)."""
+def high_t_slope(rows: list[dict], t_min: int = 500) -> float | None:
+    """Mean DC slope over the probed timesteps t >= t_min (the regime where DDIM amplifies DC errors); None
+    when no probed t is that high (JSON has no NaN)."""
     vals = [r["dc_slope"] for r in rows if r["t"] >= t_min]
-    return float(np.mean(vals)) if vals else float("nan")
+    return float(np.mean(vals)) if vals else None
 
 
 def plot_passthrough(report: dict, path: str | Path, title: str = "") -> Path:
