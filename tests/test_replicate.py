@@ -139,3 +139,26 @@ def test_the_committed_replication_record_is_reports_scores_and_grids_only():
     dropped = ["replication/runs/xnor_w1a1/model.ckpt", "replication/runs/xnor_w1a1/state.ckpt",
                "replication/runs/xnor_w1a1/samples.npz", "replication/runs/xnor_w1a1/metrics.jsonl"]
     assert not any(map(ignored, kept)) and all(map(ignored, dropped))
+
+
+def test_a_claim_compares_two_arms_on_the_seeds_both_have_finished():
+    """BinaryDM has seeds 0 and 1, the baseline only seed 0: the ordering is judged on seed 0 alone (a mean over
+    two seeds against one is not like with like), while each row still shows its own mean."""
+    from bdmtool.trainer.replication.report import summarize
+
+    def rec(key, seed, fid):
+        return {"params": {"arm": {"seed": seed}}, "metrics": {"fid": fid, "sfid": 1.0, "precision": 0.0,
+                                                               "recall": 0.0},
+                "label": key, "final_loss": None, "grid": "", "seconds": 1.0}
+
+    scores = {"binarydm_w1a4": rec("b", 0, 130.0), "binarydm_w1a4_seed1": rec("b", 1, 100.0),
+              "baseline_w1a4": rec("a", 0, 120.0)}
+    t = summarize(scores, ("binarydm_t1",))["tables"][0]
+    (claim,) = t["claims"]
+    assert (claim["fid_better"], claim["fid_worse"], claim["seeds"], claim["holds"]) == (130.0, 120.0, 1, False)
+    row = next(r for r in t["rows"] if r["key"] == "binarydm_w1a4")
+    assert row["fid"] == 115.0 and row["seeds"] == 2
+    scores["baseline_w1a4_seed1"] = rec("a", 1, 125.0)  # now both seeds: 115 vs 122.5, held on 1 of 2
+    (claim,) = summarize(scores, ("binarydm_t1",))["tables"][0]["claims"]
+    assert (claim["fid_better"], claim["fid_worse"], claim["seeds"], claim["seeds_holding"], claim["holds"]) == \
+        (115.0, 122.5, 2, 1, True)

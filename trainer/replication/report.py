@@ -22,6 +22,11 @@ def _seeds(key: str, scores: dict[str, dict]) -> list[dict]:
     return [scores[k] for k in [key] + sorted(k for k in scores if k.startswith(f"{key}_seed"))]
 
 
+def _by_seed(key: str, scores: dict[str, dict]) -> dict[int, float]:
+    """{training seed: FID} of ``key``'s runs (a claim compares two arms on the seeds both have finished)."""
+    return {int(r["params"]["arm"]["seed"]): r["metrics"]["fid"] for r in _seeds(key, scores)}
+
+
 def _fid(key: str, scores: dict[str, dict]) -> tuple[float, float, int]:
     """(mean FID, half range, number of seeds)."""
     f = [r["metrics"]["fid"] for r in _seeds(key, scores)]
@@ -43,10 +48,9 @@ def summarize(scores: dict[str, dict], tables: tuple[str, ...]) -> dict:
                          "fids": [r["metrics"]["fid"] for r in runs]})
         claims = []
         for c in [c for c in t.claims if c.better in scores and c.worse in scores]:
-            fb, _, nb = _fid(c.better, scores)
-            fw, _, nw = _fid(c.worse, scores)
-            pairs = list(zip([r["metrics"]["fid"] for r in _seeds(c.better, scores)],
-                             [r["metrics"]["fid"] for r in _seeds(c.worse, scores)]))
+            better, worse = _by_seed(c.better, scores), _by_seed(c.worse, scores)
+            pairs = [(better[s], worse[s]) for s in sorted(set(better) & set(worse))]  # like with like: same seeds
+            fb, fw = mean(a for a, _ in pairs), mean(b for _, b in pairs)
             claims.append({"claim": c.text, "better": c.better, "worse": c.worse, "fid_better": fb, "fid_worse": fw,
                            "holds": fb < fw, "seeds_holding": sum(a < b for a, b in pairs), "seeds": len(pairs)})
         out.append({"key": tkey, "title": t.title, "source": t.source, "rows": rows, "claims": claims})
