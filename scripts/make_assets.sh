@@ -28,8 +28,8 @@ fi
 
 if [ "$STAGE" = students ] || [ "$STAGE" = all ]; then
   # name  method  abits  steps  [one extra --set]  (equal steps for the two W1A1 methods: BiDM vs its XNOR baseline;
-  # W1A8 distils the teacher's ε, docs/methods.md "Output distillation")
-  for spec in "binarydm_w1a8 binarydm 8 7000 distill.kd_weight=1.0" "binarydm_w1a4 binarydm 4 4500" "bidm_w1a1 bidm 1 3500" \
+  # W1A8 and W1A4 distil the teacher's ε, docs/methods.md "Output distillation")
+  for spec in "binarydm_w1a8 binarydm 8 7000 distill.kd_weight=1.0" "binarydm_w1a4 binarydm 4 4500 distill.kd_weight=1.0" "bidm_w1a1 bidm 1 3500" \
               "xnor_w1a1 xnor 1 3500"; do
     set -- $spec
     if [ -n "${ONLY:-}" ] && [ "$ONLY" != "$1" ]; then continue; fi
