@@ -91,10 +91,10 @@ def check_sidecar_matches(tflite: str | Path, side: dict, side_path: str | Path)
     from bdmtool.files import FileFormatError, file_sha256
 
     want = side.get("model_sha256") if isinstance(side, dict) else None
-    if want and file_sha256(tflite) != want:
+    have = file_sha256(tflite) if want else None
+    if want and have != want:
         raise FileFormatError(f"{side_path} describes another .tflite (sha256 {want[:12]}…, {Path(tflite).name} is "
-                              f"{file_sha256(tflite)[:12]}…): keep each .tflite with the .json exported with it, "
-                              "or re-export")
+                              f"{have[:12]}…): keep each .tflite with the .json exported with it, or re-export")
 
 
 class TFLiteDenoiser(Denoiser):

@@ -129,7 +129,7 @@ def arms_for(tables: tuple[str, ...], seeds: int, only: tuple[str, ...] = ()) ->
                              f"choose from {keys + list(seeded)}")
         # a headline arm brings its extra seeds (when its partner is chosen too); a `<key>_seed<k>` is that run alone
         chosen = [k for k in keys if k in only]
-        pairs = [(a, b) for a, b in HEADLINE_PAIRS if a in chosen and b in chosen]
+        paired = {k for a, b in HEADLINE_PAIRS if a in chosen and b in chosen for k in (a, b)}
         return [ARMS[k] for k in chosen] + [arm for key, arm in seeded.items()
-                                            if key in only or any(key.startswith(f"{k}_seed") for p in pairs for k in p)]
+                                            if key in only or key.rsplit("_seed", 1)[0] in paired]
     return [ARMS[k] for k in keys] + list(seeded.values())
