@@ -120,9 +120,10 @@ class TFLiteDenoiser(Denoiser):
             raise FileNotFoundError(f"{side} (the sidecar written by `bdmtool export`) is needed to run {path.name}")
         from bdmtool.files import FileFormatError, read_json
 
-        from .inspect_tflite import check_tflite_file
+        from .inspect_tflite import check_tflite_file, inspect_file
 
         meta = read_json(side, "sidecar written by `bdmtool export`")
+        inspect_file(path)  # a truncated copy is named as such, not as a sidecar mismatch (which it also is)
         check_sidecar_matches(path, meta, side)
         try:
             outputs = meta["tflite_io_order"]["outputs"]

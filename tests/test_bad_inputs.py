@@ -31,6 +31,17 @@ COMMON = ["data.limit=32", "train.batch_size=4", "train.threads=1"]
 MICRO = [f"--set={o}" for o in [*MICRO_UNET, *COMMON]]
 
 
+def _valid_tflite() -> bytes:
+    """A real, well-formed .tflite (one ADD), converted here by TFLite."""
+    import os
+
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf
+
+    f = tf.function(lambda x: x + 1.0, input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    return tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f).convert()
+
+
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     """Workspace: a micro FP checkpoint, a micro BinaryDM W1A4 student and bad files made from them."""
@@ -94,7 +105,7 @@ def w(tmp_path_factory):
     (d / "nosidecar.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
     (d / "badside.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
     (d / "badside.json").write_text("{not json")
-    (d / "stale.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
+    (d / "stale.tflite").write_bytes(_valid_tflite())  # well formed, so the sidecar mismatch is what is reported
     (d / "stale.json").write_text(json.dumps({"model_sha256": "0" * 64, "tflite_io_order": {"outputs": ["eps"]}}))
     # data
     np.savez(d / "nan.npz", arr_0=np.full((8, 32, 32, 1), np.nan, np.float32))

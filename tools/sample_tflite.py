@@ -83,8 +83,8 @@ def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
     if not side_path.exists():
         raise FileNotFoundError(f"{side_path} (the sidecar written by `bdmtool export`) is needed to run {tflite.name}")
     side = read_json(side_path, "sidecar written by `bdmtool export`")
-    check_sidecar_matches(tflite, side, side_path)
-    inspect_file(tflite)  # a damaged file fails here, in one line, before any worker starts
+    inspect_file(tflite)  # a damaged file fails here, in one line, before any worker starts; named as damage,
+    check_sidecar_matches(tflite, side, side_path)  # not as the sidecar mismatch a damaged copy also has
     chunks = [(s, min(s + CHUNK, opts.n)) for s in range(0, opts.n, CHUNK)]
     workers = max(1, min(workers or default_workers(), len(chunks)))
     parts: dict[int, np.ndarray] = {}
