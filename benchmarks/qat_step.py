@@ -31,18 +31,24 @@ from bdmtool.trainer.spec import METHODS, TrainSpec, UNetConfig, build_train_spe
 from bdmtool.trainer.train import build_student
 
 
-def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -> float:
-    precision, _, kernel = mode.partition("+")
+def training_setup(spec: TrainSpec, batch: int):
+    """The trainer's pieces for ``spec`` on one fixed random batch, prepared (LSQ steps, LRM projections):
+    (student, teacher, objective, optimizer, (x0, t, noise))."""
     torch.manual_seed(0)
     model, teacher = build_student(spec)
-    diffusion = Diffusion(spec.diffusion)
-    objective = TrainingObjective(spec, diffusion, model, teacher)
+    objective = TrainingObjective(spec, Diffusion(spec.diffusion), model, teacher)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     c, r = spec.unet.in_channels, spec.unet.resolution
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(batch, c, r, r, generator=g) * 2 - 1, torch.randn(batch, c, r, r, generator=g)
     t = torch.randint(0, spec.diffusion.timesteps - 1, (batch,), generator=g)
     objective.prepare(x0, t, noise)
+    return model, teacher, objective, opt, (x0, t, noise)
+
+
+def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -> float:
+    precision, _, kernel = mode.partition("+")
+    model, _, objective, opt, (x0, t, noise) = training_setup(spec, batch)
 
     def step(i: int) -> None:
         with autocast(precision, torch.device("cpu")), kernels(kernel or "eager"):

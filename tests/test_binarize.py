@@ -261,12 +261,16 @@ def test_tbs_cache_reset_fill_and_mix():
         model(x, t)
         h.remove()
         assert torch.equal(cache.cache["up.1.attn.0"], seen["out"])  # the cache holds the mixed output
-        # recording_only fills without mixing
+        # recording_only fills without mixing (a whole forward when told not to stop at the last site)
         reset_state(model)
-        cache.recording_only = True
+        cache.recording_only, cache.stop_when_filled = True, False
         y_rec = model(x, t)
-        cache.recording_only = False
+        cache.recording_only, cache.stop_when_filled = False, True
         assert torch.equal(y_rec, y_first)
+        full = dict(cache.cache)
+        cache.record(model, x, t)  # training's pass: stops at the last site, records the same tensors
+        assert cache.cache.keys() == full.keys() and all(torch.equal(cache.cache[k], full[k]) for k in full)
+        assert not cache.recording_only
     assert cache.bucket(torch.tensor([0, 9, 10, 999])).tolist() == [0, 0, 1, 99]
 
 
@@ -304,6 +308,30 @@ def test_spd_equals_hand_computation():
     assert spd_loss({"f": fs}, {"f": ft}, patches=2) == pytest.approx(total / 4, rel=1e-5)
     assert float(spd_loss({"f": fs}, {"f": fs.clone()}, patches=2)) == pytest.approx(0.0, abs=1e-6)
     assert float(spd_loss({"f": fs}, {"f": ft}, patches=2, variant="paper")) > 0
+
+
+@pytest.mark.parametrize("variant", ["code", "paper"])
+@pytest.mark.parametrize("shape,patches", [((2, 3, 8, 8), 4), ((2, 3, 7, 7), 4), ((2, 5, 9, 6), 2), ((1, 2, 3, 5), 4)])
+def test_batched_spd_equals_the_patch_loop(variant, shape, patches):
+    """One batched product over zero-padded patches (``spd_loss``) = the official per-patch loop, value and
+    gradient, for equal and unequal patches (7 / 4 -> sizes 1, 2, 2, 2) and more patches than rows; and under a
+    bf16 autocast it is computed in fp32 (the same value)."""
+    from bdmtool.trainer.distill import spd_loss_reference
+
+    torch.manual_seed(4)
+    fs, ft = torch.randn(*shape, requires_grad=True), torch.randn(*shape)
+    fr = fs.detach().clone().requires_grad_()
+    got, want = spd_loss({"f": fs}, {"f": ft}, patches, variant), spd_loss_reference({"f": fr}, {"f": ft}, patches, variant)
+    got.backward()
+    want.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-5) and float(want) > 0
+    assert torch.allclose(fs.grad, fr.grad, rtol=1e-4, atol=1e-6 * float(fr.grad.abs().max()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = spd_loss({"f": fs.detach()}, {"f": ft}, patches, variant)
+    assert low.dtype == torch.float32 and float(low) == pytest.approx(float(want), rel=1e-5)
+    same = fs.detach().clone().requires_grad_()  # identical features: zero loss, finite (zero) gradient
+    spd_loss({"f": same}, {"f": same.detach().clone()}, patches, variant).backward()
+    assert torch.isfinite(same.grad).all() and float(same.grad.abs().max()) == 0.0
 
 
 def test_invalid_configs_name_the_key():

@@ -222,3 +222,31 @@ def test_output_distillation_needs_a_binarized_student(teacher):
         build_train_spec("tiny", "digits", 2, [*COMMON, "distill.kd_weight=0.5"])
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         _qat_spec(teacher, "baseline", 4, 2, "distill.kd_weight=2")
+
+
+def test_bidm_cache_pass_stops_at_its_last_site_and_changes_nothing(teacher):
+    """The t + delta pass only fills the TBS cache: it ends at the last cached site (the layers after it never run)
+    and three training steps are bitwise the same as with the whole forward."""
+    spec = _qat_spec(teacher, "bidm", 1, 3)
+    images = torch.from_numpy(__import__("bdmtool.trainer.data", fromlist=["x"]).load_images(spec.data))
+    params, calls = [], []
+    for stop in (True, False):
+        torch.manual_seed(0)
+        model, tmodel = build_student(spec)
+        model.tbs_cache.stop_when_filled = stop
+        seen = []
+        hook = model.get_submodule("conv_out").register_forward_hook(lambda *a: seen.append(1))  # the last layer
+        obj = TrainingObjective(spec, Diffusion(spec.diffusion), model, tmodel)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        obj.prepare(*make_batch(images, spec, 0, DistEnv()))
+        seen.clear()
+        for step in range(3):
+            loss = obj(model, *make_batch(images, spec, step, DistEnv()), step)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hook.remove()
+        params.append([p.detach().clone() for p in model.parameters()])
+        calls.append(len(seen))
+    assert calls == [3, 6]  # the student's output layer: once per step when the cache pass stops early, else twice
+    assert all(torch.equal(a, b) for a, b in zip(*params))

@@ -330,13 +330,19 @@ class DCBypass(nn.Module):
         return out
 
 
+class CacheFilled(Exception):
+    """Raised by a recording-only pass once every site is recorded: the rest of that forward is not needed."""
+
+
 class TimestepCache(nn.Module):
     """BiDM cross-timestep connection: out_i <- (1 - a[t, i]) out_i + a[t, i] * stopgrad(cache_i).
 
     ``alpha`` [buckets, sites] is learnable (init 0). Sites are modules of the U-Net; forward hooks mix
     and record their outputs. ``reset()`` empties the cache (start of every sampling run); while a site's
     cache is empty the output passes unchanged and is recorded. ``recording_only`` fills the cache without
-    mixing (training's extra forward at t + delta).
+    mixing (training's extra forward at t + delta) and, with ``stop_when_filled``, ends that forward by
+    raising :class:`CacheFilled` at the last site (``record`` catches it): the tiny preset's sites are in
+    ``up.1``, so the full-resolution level and the output conv are skipped (~25 % of that pass).
     """
 
     def __init__(self, sites: list[str], buckets: int, timesteps: int):
@@ -346,6 +352,7 @@ class TimestepCache(nn.Module):
         self.cache: dict[str, torch.Tensor] = {}
         self.t: torch.Tensor | None = None
         self.recording_only = False
+        self.stop_when_filled = True
 
     def reset(self) -> None:
         self.cache = {}
@@ -362,8 +369,22 @@ class TimestepCache(nn.Module):
                 a = self.alpha[self.bucket(self.t), index].reshape(-1, *([1] * (out.ndim - 1)))
                 out = (1 - a) * out + a * prev.detach()
             self.cache[site] = out.detach()
+            if self.recording_only and self.stop_when_filled and len(self.cache) == len(self.sites):
+                raise CacheFilled
             return out
         return fn
+
+    @torch.no_grad()
+    def record(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Empty the cache and fill it from ``model(x, t)`` without mixing (BiDM training's pass at t + delta)."""
+        self.reset()
+        self.recording_only = True
+        try:
+            model(x, t)
+        except CacheFilled:
+            pass
+        finally:
+            self.recording_only = False
 
 
 def _record_shapes(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, int]]:

@@ -98,25 +98,57 @@ def lrm_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
 # ------------------------------------------------------------------------------------------------- SPD
 
 
+def _bounds(n: int, p: int) -> list[int]:
+    return torch.linspace(0, n, p + 1).long().tolist()
+
+
 def _patches(f: torch.Tensor, p: int):
+    """The p x p grid of patches of ``f`` [..., H, W], row by row (edges at linspace(0, H, p + 1))."""
     h, w = f.shape[-2:]
     p = min(p, h, w)
-    hs = torch.linspace(0, h, p + 1).long().tolist()
-    ws = torch.linspace(0, w, p + 1).long().tolist()
+    hs, ws = _bounds(h, p), _bounds(w, p)
     for i in range(p):
         for j in range(p):
             yield f[..., hs[i]:hs[i + 1], ws[j]:ws[j + 1]]
 
 
+def _patch_stack(f: torch.Tensor, p: int) -> torch.Tensor:
+    """All patches of ``_patches(f, p)`` in one tensor [B, C, P, hmax, wmax], each zero-padded to the largest.
+
+    Zero rows and columns add zero rows and columns to a patch's Gram (and nothing to its norm), so every
+    SPD term computed on the stack equals the per-patch one up to float summation order. One gather (and one
+    scatter-add in backward) replaces P slices, whose backward each wrote a zero tensor the size of ``f``.
+    """
+    h, w = f.shape[-2:]
+    p = min(p, h, w)
+    if h % p == 0 and w % p == 0:  # equal patches: a view
+        b, c = f.shape[:2]
+        return f.reshape(b, c, p, h // p, p, w // p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, p * p, h // p, w // p)
+    hs, ws = _bounds(h, p), _bounds(w, p)
+
+    def index(edges: list[int], pad: int) -> torch.Tensor:  # [p, max size]; ``pad`` reads the zero row/column
+        size = max(b - a for a, b in zip(edges, edges[1:]))
+        return torch.tensor([[a + k if a + k < b else pad for k in range(size)] for a, b in zip(edges, edges[1:])])
+
+    rows, cols = index(hs, h), index(ws, w)
+    fp = F.pad(f, (0, 1, 0, 1))  # one zero row and column at index h / w
+    out = fp[..., rows[:, None, :, None], cols[None, :, None, :]]  # [B, C, p, p, hmax, wmax]
+    return out.flatten(2, 3)
+
+
 def _gram_code(p: torch.Tensor) -> torch.Tensor:
-    q = p @ p.transpose(-1, -2)  # [B, C, h, h]: row Gram per channel
-    return q / q.norm()  # Frobenius norm of the whole tensor
+    """[B, C, P, h, w] -> per-channel row Gram P P^T [B, C, P, h, h], each patch normalised by the Frobenius norm
+    of its whole [B, C, h, h] tensor."""
+    q = p @ p.transpose(-1, -2)
+    return q / torch.linalg.vector_norm(q, dim=(0, 1, 3, 4), keepdim=True)
 
 
 def _gram_paper(p: torch.Tensor) -> torch.Tensor:
-    v = p.flatten(2).transpose(1, 2)  # [B, h*w, C]
-    a = v @ v.transpose(1, 2)  # [B, hw, hw]: spatial attention within the patch
-    return a / a.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+    """[B, C, P, h, w] -> per-sample spatial attention of each flattened patch [B, P, hw, hw], normalised per
+    sample and patch."""
+    v = p.flatten(3).permute(0, 2, 3, 1)  # [B, P, h*w, C]
+    a = v @ v.transpose(-1, -2)
+    return a / a.flatten(2).norm(dim=2).clamp_min(1e-12)[..., None, None]
 
 
 def spd_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], patches: int = 4,
@@ -126,16 +158,42 @@ def spd_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
     ``code`` (default, BiDM official ``r2b_loss``): G = per-channel row Gram P P^T normalised by the
     Frobenius norm of the whole [B, C, h, h] tensor; the norm is over the whole batch, not squared.
     ``paper``: G = per-sample spatial attention of the flattened patch, normalised per sample.
+    All patches of a feature are computed in one batched product (``_patch_stack``); the loop over patches
+    it replaces is ``spd_loss_reference``, which tests compare against.
     Under DDP the ``code`` variant's norm covers each process's share of the batch, so the term differs
     slightly from a single-process run with the same global batch (the ``paper`` variant does not).
     """
     gram = _gram_code if variant == "code" else _gram_paper
     terms = []
     for name, fs in student.items():
+        # fp32 under a bf16 autocast too: the difference of two normalised Grams cancels (bf16 keeps ~3 digits of
+        # it), and the many small products run faster in fp32 here (measured in docs/methods.md)
+        with torch.autocast(fs.device.type, enabled=False):
+            ps, pt = _patch_stack(fs.float(), patches), _patch_stack(teacher[name].detach().float(), patches)
+            d = gram(ps) - gram(pt)
+            if variant == "code":  # [B, C, P, h, h] -> one norm per patch
+                terms.append(torch.linalg.vector_norm(d, dim=(0, 1, 3, 4)))
+            else:  # [B, P, hw, hw] -> per-sample norm, mean over the batch, per patch
+                terms.append(d.flatten(2).norm(dim=2).mean(dim=0))
+    return torch.cat(terms).mean()
+
+
+def spd_loss_reference(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], patches: int = 4,
+                       variant: str = "code") -> torch.Tensor:
+    """``spd_loss`` patch by patch, as the official code loops (slow: a slice, two Grams and a norm per patch)."""
+    terms = []
+    for name, fs in student.items():
         ft = teacher[name].detach()
         for ps, pt in zip(_patches(fs, patches), _patches(ft, patches)):
-            d = gram(ps) - gram(pt)
-            terms.append(d.norm() if variant == "code" else d.flatten(1).norm(dim=1).mean())
+            if variant == "code":
+                qs, qt = ps @ ps.transpose(-1, -2), pt @ pt.transpose(-1, -2)
+                terms.append((qs / qs.norm() - qt / qt.norm()).norm())
+            else:
+                vs, vt = ps.flatten(2).transpose(1, 2), pt.flatten(2).transpose(1, 2)
+                a_s, a_t = vs @ vs.transpose(1, 2), vt @ vt.transpose(1, 2)
+                d = (a_s / a_s.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+                     - a_t / a_t.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None])
+                terms.append(d.flatten(1).norm(dim=1).mean())
     return torch.stack(terms).mean()
 
 

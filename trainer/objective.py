@@ -54,11 +54,7 @@ class TrainingObjective:
             cache = getattr(self.student, "tbs_cache", None)
             if cache is not None:  # BiDM: the cache comes from the same student one sampler stride earlier
                 t_prev = (t + bcfg.cache_delta).clamp(max=self.diffusion.num_timesteps - 1)
-                reset_state(self.student)
-                cache.recording_only = True
-                with torch.no_grad():
-                    self.student(self.diffusion.q_sample(x0, t_prev, noise), t_prev)
-                cache.recording_only = False
+                cache.record(self.student, self.diffusion.q_sample(x0, t_prev, noise), t_prev)
         out = self.diffusion.training_losses(net, x0, t, noise)
         terms = {"mse": out["mse"]}
         total = out["mse"]
