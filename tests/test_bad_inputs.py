@@ -265,6 +265,11 @@ def _cases():
         ("ops-bad-spec", ["ops", F("badspec")], "num_groups"),
         ("ops-no-input", ["ops"], "--preset"),
         ("ops-unknown-preset", ["ops", "--preset", "huge"], "huge"),
+        # a checkpoint has its own bits and method: a flag that contradicts them was silently ignored
+        ("ops-ckpt-other-abits", ["ops", F("fp"), "--abits", "4"], "--abits 4 does not apply"),
+        ("ops-ckpt-other-method", ["ops", F("fp"), "--method", "bidm"], "--method bidm does not apply"),
+        ("ops-ckpt-and-preset", ["ops", F("fp"), "--preset", "tiny"], "not both"),
+        ("ops-ldm-method-without-rule", ["ops", "--preset", "ldm4-bedrooms", "--method", "xnor"], "xnor"),
         ("ops-out-under-file", ["ops", "--preset", "tiny", "--out", UNDER_FILE("o")], "a_file"),
         # --- inspect
         ("inspect-junk", ["inspect", P("junk.tflite")], "junk.tflite"),
@@ -274,6 +279,8 @@ def _cases():
         ("pack-empty", ["pack", P("empty.ckpt"), "--out", O("p1.ckpt")], "empty.ckpt"),
         ("pack-fp", ["pack", F("fp"), "--out", O("p2.ckpt")], "binar"),
         ("pack-out-under-file", ["pack", F("student"), "--out", UNDER_FILE("p.ckpt")], "a_file"),
+        ("pack-tol-negative", ["pack", F("student"), "--out", O("p3.ckpt"), "--tol", "-1"], "--tol"),
+        ("pack-tol-nan", ["pack", F("student"), "--out", O("p4.ckpt"), "--tol", "nan"], "--tol"),
         # --- diagnose
         ("diagnose-timesteps-text", ["diagnose", F("student"), "--timesteps", "a,b", "--out", O("d1")], "--timesteps"),
         ("diagnose-timesteps-range", ["diagnose", F("student"), "--timesteps", "5000", "--out", O("d2")], "--timesteps"),

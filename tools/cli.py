@@ -323,9 +323,12 @@ def diagnose(ckpts, teacher, n, seed, timesteps, out):
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False), required=False)
 @click.option("--preset", default=None, help="tiny | tiny-rgb | cifar10 (pixel U-Net), ldm4-bedrooms | ldm8-churches | "
               "ldm8-txt2img (LDM U-Net) or vq-f4 | kl-f8 (LDM autoencoders), instead of CKPT.")
-@click.option("--wbits", type=click.Choice(["1", "2", "4", "8", "32"]), default="1", show_default=True)
-@click.option("--abits", type=click.Choice(["1", "2", "4", "8", "32"]), default="4", show_default=True)
-@click.option("--method", default="binarydm", show_default=True, help="Which layers stay FP (the method's rule).")
+@click.option("--wbits", type=click.Choice(["1", "2", "4", "8", "32"]), default=None,
+              help="With --preset [default: 1]; a checkpoint has its own.")
+@click.option("--abits", type=click.Choice(["1", "2", "4", "8", "32"]), default=None,
+              help="With --preset [default: 4]; a checkpoint has its own.")
+@click.option("--method", default=None,
+              help="With --preset: which layers stay FP (the method's rule) [default: binarydm]; a checkpoint has its own.")
 @click.option("--attention-matmuls", is_flag=True, help="Count attention QK^T/AV as FP FLOPs (the papers do not).")
 @click.option("--elementwise", is_flag=True, help="Count norm+activation, quantized-output scales and softmax as FLOPs.")
 @click.option("--count-scales", is_flag=True, help="Count per-channel scales of quantized layers in the size.")
@@ -338,7 +341,7 @@ def ops(ckpt, preset, wbits, abits, method, attention_matmuls, elementwise, coun
     from bdmtool.trainer.ops import OpsConvention, format_table
 
     conv = OpsConvention(attention_matmuls=attention_matmuls, elementwise=elementwise, count_scales=count_scales)
-    res = account(ckpt, preset, int(wbits), int(abits), method, conv, out)
+    res = account(ckpt, preset, wbits and int(wbits), abits and int(abits), method, conv, out)
     click.echo(f"{res['model']}  (FP layers: {', '.join(res['fp_patterns']) or 'all'})")
     click.echo(format_table(res, per_layer=per_layer))
     if out:

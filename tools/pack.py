@@ -12,8 +12,12 @@ from pathlib import Path
 
 def pack_checkpoint(src: str | Path, out: str | Path, tol: float = 1e-4, min_margin: float = 3e-6,
                     log=print) -> dict:
+    import math
+
     import torch
 
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"--tol must be a positive number (the largest |d eps| accepted), got {tol}")
     from bdmtool.trainer.binarize import packable_weights, reset_state
     from bdmtool.trainer.bundle import reference_inputs
     from bdmtool.trainer.checkpoint import atomic_save, load_checkpoint, pack_weights, unpack_weights
