@@ -1,6 +1,6 @@
 """Wall time of `bdmtool export` per stage, alone and next to a busy process (issue 15).
 
-    python benchmarks/export_speed.py [--cases fp,fp_keras,w1a4_bitplanes,w1a4_int8,w1a8_int8,bidm_w1a1] [--no-busy]
+    python benchmarks/export_speed.py [--cases fp,fp_keras,w1a4_bitplanes,w1a4_int8,w1a8_int8,w1a8_bitplanes,bidm_w1a1] [--no-busy]
 
 Each case is one `bdmtool export` of a shipped tiny checkpoint (bdmtool/assets/) in a fresh process, the way a
 user runs it. The exporter prints every stage with its elapsed seconds; a stage's time is the gap between the
@@ -31,6 +31,7 @@ CASES = OrderedDict([
     ("w1a4_bitplanes", ("tiny_mnist_binarydm_w1a4.ckpt", ["--a4", "bitplanes"])),
     ("w1a4_int8", ("tiny_mnist_binarydm_w1a4.ckpt", ["--a4", "int8"])),
     ("w1a8_int8", ("tiny_mnist_binarydm_w1a8.ckpt", ["--a8", "int8"])),
+    ("w1a8_bitplanes", ("tiny_mnist_binarydm_w1a8.ckpt", ["--a8", "bitplanes"])),
     ("bidm_w1a1", ("tiny_mnist_bidm_w1a1.ckpt", [])),
 ])
 LINE = re.compile(r"^\s*(\d+\.\d+) s\s+\[([a-z0-9_]+)\]")
