@@ -1,7 +1,9 @@
 """The replication report: each table with the paper's FID beside ours, and a ✔/✘ per claimed ordering.
 
-Arms trained over several seeds (the headline pairs) show mean ± half the range; their claim is ✔ only when
-the mean agrees with the paper, and the report says on how many seeds each ordering held.
+Arms trained over several seeds (the headline pairs) show mean ± half the range. A claim is judged on the seeds
+both arms have finished: ✔ when the mean agrees with the paper *and* the ordering holds on most of those seeds,
+✘ when both disagree with it, ≈ (undecided) when the mean and the seeds point different ways (e.g. a mean
+carried by one seed); the report says on how many seeds each ordering held.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ def _fid(key: str, scores: dict[str, dict]) -> tuple[float, float, int]:
     return mean(f), (max(f) - min(f)) / 2, len(f)
 
 
+def verdict(mean_holds: bool, seeds_holding: int, seeds: int) -> str:
+    """"holds" / "fails" / "undecided": one seed decides by itself; over several, the mean and the majority of
+    seeds must agree (a tie or a disagreement is undecided)."""
+    if seeds <= 1:
+        return "holds" if mean_holds else "fails"
+    if mean_holds and 2 * seeds_holding > seeds:
+        return "holds"
+    if not mean_holds and 2 * seeds_holding < seeds:
+        return "fails"
+    return "undecided"
+
+
+MARK = {"holds": "✔", "fails": "✘", "undecided": "≈"}
+
+
 def summarize(scores: dict[str, dict], tables: tuple[str, ...]) -> dict:
     """{"tables": [{key, title, source, rows: [...], claims: [...]}]} from the arms' score records."""
     out = []
@@ -51,8 +68,10 @@ def summarize(scores: dict[str, dict], tables: tuple[str, ...]) -> dict:
             better, worse = _by_seed(c.better, scores), _by_seed(c.worse, scores)
             pairs = [(better[s], worse[s]) for s in sorted(set(better) & set(worse))]  # like with like: same seeds
             fb, fw = mean(a for a, _ in pairs), mean(b for _, b in pairs)
+            k = sum(a < b for a, b in pairs)
             claims.append({"claim": c.text, "better": c.better, "worse": c.worse, "fid_better": fb, "fid_worse": fw,
-                           "holds": fb < fw, "seeds_holding": sum(a < b for a, b in pairs), "seeds": len(pairs)})
+                           "verdict": verdict(fb < fw, k, len(pairs)), "seeds_holding": k, "seeds": len(pairs)})
+            claims[-1]["holds"] = claims[-1]["verdict"] == "holds"
         out.append({"key": tkey, "title": t.title, "source": t.source, "rows": rows, "claims": claims})
     seconds = sum(float(r.get("seconds") or 0.0) for r in scores.values())
     return {"tables": out, "n_runs": len(scores), "run_seconds": round(seconds, 1)}
@@ -65,10 +84,12 @@ def summary_markdown(summary: dict) -> str:
         for c in t["claims"]:
             seeds = f" ({c['seeds_holding']}/{c['seeds']} seeds)" if c["seeds"] > 1 else ""
             lines.append(f"| {t['title'].split(':')[0]} | {c['claim']} | {c['fid_better']:.2f} vs "
-                         f"{c['fid_worse']:.2f} | {'✔' if c['holds'] else '✘'}{seeds} |")
+                         f"{c['fid_worse']:.2f} | {MARK[c['verdict']]}{seeds} |")
     held = sum(c["holds"] for t in summary["tables"] for c in t["claims"])
+    open_ = sum(c["verdict"] == "undecided" for t in summary["tables"] for c in t["claims"])
     total = sum(len(t["claims"]) for t in summary["tables"])
-    lines += ["", f"{held} of {total} claimed orderings hold; {summary['n_runs']} runs, "
+    undecided = f", {open_} undecided (≈: the mean and most seeds disagree)" if open_ else ""
+    lines += ["", f"{held} of {total} claimed orderings hold{undecided}; {summary['n_runs']} runs, "
                   f"{summary['run_seconds'] / 3600:.1f} h of training, sampling and scoring in all (one core each)."]
     return "\n".join(lines)
 
@@ -99,7 +120,7 @@ def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, envi
         for c in t["claims"]:
             seeds = f" ({c['seeds_holding']}/{c['seeds']} seeds)" if c["seeds"] > 1 else ""
             lines.append(f"| {c['claim']} | {c['fid_better']:.2f} vs {c['fid_worse']:.2f} | "
-                         f"{'✔' if c['holds'] else '✘'}{seeds} |")
+                         f"{MARK[c['verdict']]}{seeds} |")
         lines.append("")
     return "\n".join(lines)
 
