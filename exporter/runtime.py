@@ -120,23 +120,23 @@ class TFLiteDenoiser(Denoiser):
             raise FileNotFoundError(f"{side} (the sidecar written by `bdmtool export`) is needed to run {path.name}")
         from bdmtool.files import FileFormatError, read_json
 
-        from .inspect_tflite import check_tflite_file, inspect_file
+        from .inspect_tflite import check_tflite_file
 
         meta = read_json(side, "sidecar written by `bdmtool export`")
-        inspect_file(path)  # a truncated copy is named as such, not as a sidecar mismatch (which it also is)
-        check_sidecar_matches(path, meta, side)
         try:
             outputs = meta["tflite_io_order"]["outputs"]
         except (KeyError, TypeError):
             raise FileFormatError(f"{side} has no tflite_io_order.outputs: not a sidecar of this bdmtool; "
                                   "re-export the model") from None
         try:
-            return cls(check_tflite_file(path), outputs, threads)
+            den = cls(check_tflite_file(path), outputs, threads)
         except FileFormatError:
             raise
         except Exception as e:  # flatbuffers/interpreter errors on a truncated or damaged file
             raise FileFormatError(f"{path} is a truncated or damaged .tflite ({type(e).__name__}); re-export it "
                                   "with `bdmtool export`") from None
+        check_sidecar_matches(path, meta, side)  # after the damage check: a truncated copy is named as such
+        return den
 
     @classmethod
     def from_bytes(cls, fb: bytes, threads: int = 1) -> "TFLiteDenoiser":
