@@ -161,6 +161,7 @@ def _cases():
         ("train-num-groups-0", [*T, "--set", "unet.num_groups=0", "--out", O("t1")], "unet.num_groups"),
         ("train-ch-0", [*T, "--set", "unet.ch=0", "--out", O("t2")], "unet.ch"),
         ("train-threads-negative", [*T, "--set", "train.threads=-3", "--out", O("t3")], "train.threads"),
+        ("train-seed-negative", [*T, "--set", "train.seed=-1", "--out", O("t40")], "train.seed"),
         ("train-lr-infinity", [*T, "--set", "train.lr=Infinity", "--out", O("t4")], "finite"),
         ("train-lr-nan", [*T, "--set", "train.lr=nan", "--out", O("t5")], "finite"),
         ("train-lr-text", [*T, "--set", "train.lr=fast", "--out", O("t6")], "train.lr"),
@@ -196,6 +197,8 @@ def _cases():
         ("train-resume-other-spec", [*T, "--set", "train.seed=5", "--out", lambda w: str(Path(w["fp"]).parent)],
          "different spec"),
         # --- sample
+        ("sample-seed-negative", ["sample", F("student"), "--seed", "-1", "--out", O("s20")], "--seed"),
+        ("eval-seed-negative", ["eval", F("student"), "--seed", "-1", "--out", O("e20")], "--seed"),
         ("sample-empty-ckpt", ["sample", P("empty.ckpt"), "--out", O("s1")], "empty.ckpt"),
         ("sample-garbage-ckpt", ["sample", P("garbage.ckpt"), "--out", O("s2")], "garbage.ckpt"),
         ("sample-truncated-ckpt", ["sample", P("truncated.ckpt"), "--out", O("s3")], "truncated.ckpt"),
@@ -284,6 +287,9 @@ def _cases():
         # --- diagnose
         ("diagnose-timesteps-text", ["diagnose", F("student"), "--timesteps", "a,b", "--out", O("d1")], "--timesteps"),
         ("diagnose-timesteps-range", ["diagnose", F("student"), "--timesteps", "5000", "--out", O("d2")], "--timesteps"),
+        ("diagnose-timesteps-twice", ["diagnose", F("student"), "--timesteps", "10,10", "--out", O("d7")],
+         "twice"),
+        ("diagnose-seed-negative", ["diagnose", F("student"), "--seed", "-1", "--out", O("d8")], "--seed"),
         ("diagnose-n-1", ["diagnose", F("student"), "--n", "1", "--out", O("d3")], "--n"),
         ("diagnose-empty", ["diagnose", P("empty.ckpt"), "--out", O("d4")], "empty.ckpt"),
         ("diagnose-teacher-binary", ["diagnose", F("student"), "--teacher", F("student"), "--n", "2",

@@ -314,8 +314,12 @@ def diagnose(ckpts, teacher, n, seed, timesteps, out):
         ts = tuple(int(v) for v in timesteps.split(",")) if timesteps else None
     except ValueError:
         raise ValueError(f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
+    if ts is not None and len(set(ts)) != len(ts):
+        raise ValueError(f"--timesteps lists a timestep twice ({timesteps}); give each once")
     if n < 2:
         raise ValueError("--n must be >= 2 (a slope needs two images)")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {seed}")
     run(list(ckpts), out, teacher=teacher, n=n, seed=seed, timesteps=ts, log=click.echo)
 
 

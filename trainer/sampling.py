@@ -38,6 +38,8 @@ class SampleOptions:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
         if not (self.eta >= 0 and self.eta == self.eta and self.eta != float("inf")):
             raise ValueError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {self.eta}")
 

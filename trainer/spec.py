@@ -141,6 +141,7 @@ class TrainConfig(Config):
         check(self.log_every >= 1 and self.ckpt_every >= 1, "train.log_every and train.ckpt_every must be >= 1")
         check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         check(0.0 <= self.lr_final_ratio <= 1.0, f"train.lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
+        check(0 <= self.seed < 2**63, f"train.seed must be an integer in [0, 2**63), got {self.seed}")
         check(self.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {self.threads}")
         check(self.kernels != "compiled" or has_cxx_compiler(),
               "train.kernels=compiled needs a C++ compiler on PATH (torch.compile's CPU code); install g++ "
