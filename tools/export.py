@@ -11,11 +11,17 @@ _SAFE_NAME = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,100}")  # no separators, no '..
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
-                      tol: float | None = None, a8: str = "int8", a4: str = "bitplanes",
+                      tol: float | None = None, a8: str | None = None, a4: str | None = None,
                       log: Callable[[str], None] = print, allow_float_layers: bool = False, per_layer: bool = False):
+    """``a8`` / ``a4``: the kernel of W1A8 / W1A4 layers (None = int8 / bit planes); given for a checkpoint
+    without such layers, or for a float target, they are refused rather than ignored."""
     from bdmtool.trainer.bundle import write_bundle
 
     log = timed(log)
+    given = [f for f, v in (("--a8", a8), ("--a4", a4)) if v is not None]
+    if given and target != "lce":
+        raise ValueError(f"{given[0]} chooses the kernel of binary layers; --target {target} has none: drop it")
+    a8, a4 = a8 or "int8", a4 or "bitplanes"
     if target == "convs":
         return export_convs(ckpt, out, log=log)
     if target == "fp":
@@ -26,7 +32,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         raise ValueError(f"--name {name!r} is not a plain file name: use letters, digits, '.', '_' or '-' (the files "
                          "go into --out; pass a different --out to write elsewhere)")
     if target == "lce":  # refuse in a second what the exporter would refuse (or silently accept) after minutes
-        preflight(ckpt, a8, a4, allow_float_layers, log)
+        preflight(ckpt, a8, a4, allow_float_layers, log, given=tuple(given))
         log("[preflight] checkpoint is exportable")
     log("[bundle] weights, binary-layer records and certified reference inputs ...")
     bundle = write_bundle(ckpt, Path(out) / "bundle")
@@ -52,10 +58,11 @@ def timed(log: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_float_layers: bool = False,
-              log: Callable[[str], None] = print) -> None:
-    """Everything decidable from the checkpoint alone, checked before the bundle: an FP checkpoint, activation
-    codes with no LCE form, per-batch LSQ steps, a padding mode the kernel path cannot reproduce, EBB's second
-    basis on 1-bit layers, and binary layers that are still float (an unfinished progressive schedule)."""
+              log: Callable[[str], None] = print, given: tuple[str, ...] = ()) -> None:
+    """Everything decidable from the checkpoint alone, checked before the bundle: an FP checkpoint, a kernel flag
+    (``given``: "--a8" / "--a4") for activations the checkpoint does not have, activation codes with no LCE
+    form, per-batch LSQ steps, a padding mode the kernel path cannot reproduce, EBB's second basis on 1-bit
+    layers, and binary layers that are still float (an unfinished progressive schedule)."""
     from bdmtool.exporter.binary_layers import NotExportableError, padding_refusal
     from bdmtool.trainer.checkpoint import checkpoint_spec, inference_weights, load_checkpoint
 
@@ -64,6 +71,11 @@ def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_f
     if b is None:
         raise NotExportableError(f"{ckpt} is a full-precision checkpoint: --target lce would write a float model "
                                  "with no LceBconv2d; use --target fp (or keras-fp), or export a binarized student")
+    for flag in given:
+        if b.abits != int(flag[3:]):
+            raise NotExportableError(f"{flag} chooses the kernel of W1A{flag[3:]} layers, but {ckpt} is "
+                                     f"W{b.wbits}A{b.abits}" + (f": use --a{b.abits}" if b.abits in (4, 8) else
+                                                                 ": drop it"))
     if b.abits == 1 and b.act not in ("ste_sign", "approx_sign", "rsign", "reste"):
         raise NotExportableError(f"{ckpt}: its 1-bit activation quantizer {b.act!r} has no LCE binary form (it is "
                                  "not a +-1 sign; DoReFa's {0,1} codes would run as float ops); train with a sign "
