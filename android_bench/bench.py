@@ -57,6 +57,9 @@ def run_bench(model: str | Path | None, baseline: str | Path | None, device: str
     for role, p in paths.items():
         if not p.is_file():
             raise FileNotFoundError(f"{role} model {p} does not exist")
+    if len(paths) == 2 and file_sha256(paths["binary"]) == file_sha256(paths["baseline"]):
+        raise ValueError(f"{model} and --baseline {baseline} are the same model (equal sha256): the speedup would "
+                         "compare it with itself; pass the FP .tflite (`bdmtool export CKPT --target fp`) as --baseline")
     conv_index, conv_files = None, []
     if convs:
         idx = Path(convs) / "convs.json" if Path(convs).is_dir() else Path(convs)

@@ -300,6 +300,8 @@ def _cases():
         # --- bench (host)
         ("bench-nothing", ["bench", "--out", O("b1")], "MODEL"),
         ("bench-junk-model", ["bench", P("junk.tflite"), "--out", O("b2"), "--runs", "1", "--repeats", "1"], "junk.tflite"),
+        ("bench-baseline-is-model", ["bench", P("junk.tflite"), "--baseline", P("junk.tflite"), "--out", O("b9")],
+         "same model"),
         ("bench-convs-no-shapes", ["bench", "--convs", P("convs_noshapes"), "--out", O("b3")], "convs.json"),
         ("bench-convs-bad-json", ["bench", "--convs", P("convs_badjson"), "--out", O("b4")], "convs.json"),
         ("bench-runs-0", ["bench", P("junk.tflite"), "--runs", "0", "--out", O("b5")], "--runs"),
