@@ -255,6 +255,8 @@ def _cases():
         ("export-per-batch-lsq", ["export", F("per_batch"), "--out", O("x8")], "lsq_step=log"),
         ("export-missing-key", ["export", F("missing"), "--target", "fp", "--out", O("x6")], "conv_out.weight"),
         # --- import
+        ("import-out-is-src", ["import", P("garbage.ckpt"), "--out", P("garbage.ckpt")], "input file itself"),
+        ("pack-out-is-input", ["pack", F("student"), "--out", F("student")], "input file itself"),
         ("import-garbage-file", ["import", P("garbage.ckpt"), "--out", O("i1.ckpt")], "garbage.ckpt"),
         ("import-empty-file", ["import", P("empty.ckpt"), "--out", O("i2.ckpt")], "empty.ckpt"),
         ("import-diffusers-no-key", ["import", P("diff_nokey"), "--out", O("i3.ckpt")], "block_out_channels"),

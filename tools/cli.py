@@ -138,7 +138,15 @@ def import_(src, out, resolution, dropout):
     """Convert pytorch_diffusion/ddim weights (SRC file) or a diffusers UNet2DModel folder (SRC dir)."""
     from bdmtool.trainer.interop import import_weights
 
+    _refuse_overwriting(src, out)
     click.echo(f"wrote {import_weights(src, out, resolution=resolution, dropout=dropout)}")
+
+
+def _refuse_overwriting(src: str, out: str) -> None:
+    """A command that reads SRC and writes --out must not replace its own input (the original would be lost)."""
+    if Path(out).resolve() == Path(src).resolve():
+        raise ValueError(f"--out {out} is the input file itself: writing it would replace the original; choose "
+                         "another --out")
 
 
 @cli.command()
@@ -294,6 +302,7 @@ def pack(ckpt, out, tol):
     and exports the same)."""
     from bdmtool.tools.pack import pack_checkpoint
 
+    _refuse_overwriting(ckpt, out)
     pack_checkpoint(ckpt, out, tol=tol, log=click.echo)
 
 
