@@ -188,3 +188,36 @@ def test_compiled_lsq_kernels_match_the_one_node_lsq(bits):
     assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-6) and (gx1 == 0).any()
     with pytest.raises(ValueError, match="choose one of"):
         kernels("fast")
+
+
+@pytest.mark.skipif(not has_cxx_compiler(),
+                    reason="train.kernels=compiled needs a C++ compiler (torch.compile's CPU backend)")
+@pytest.mark.parametrize("act", ["ste_sign", "approx_sign", "rsign"])
+def test_compiled_sign_kernels_match_the_eager_signs(act):
+    """train.kernels=compiled for the 1-bit activations: sign output and d/dx bit for bit those of the eager
+    nodes (both sides of the clip / ApproxSign's triangle and exact zeros exercised), RSign's d/dthreshold the
+    same per-channel sum in another order."""
+    from bdmtool.trainer.quantizers import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 7, 7) * 1.5
+    x[0, 0, 0, :3] = torch.tensor([0.0, -0.0, 1.0])  # the sign's boundary and the clip's edge
+    x.requires_grad_()
+    threshold = (torch.randn(1, 8, 1, 1) * 0.1).requires_grad_()
+    g = torch.randn(4, 8, 7, 7)
+    got = []
+    for mode in ("eager", "compiled"):
+        x.grad = threshold.grad = None
+        with kernels(mode):
+            args = (x, threshold) if act == "rsign" else (x,)
+            y = get_act_quantizer(act)(*args)
+        assert ("Compiled" in y.grad_fn.name()) == (mode == "compiled")
+        y.backward(g)
+        got.append((y.detach(), x.grad.clone(), None if threshold.grad is None else threshold.grad.clone()))
+    (y1, gx1, gb1), (y2, gx2, gb2) = got
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    assert set(y1.unique().tolist()) == {-1.0, 1.0} and (gx1 == 0).any() and (gx1 != 0).any()
+    if act == "rsign":
+        assert gb1.shape == gb2.shape == (1, 8, 1, 1) and torch.allclose(gb1, gb2, rtol=1e-5, atol=1e-6)
+    else:
+        assert gb1 is None and gb2 is None

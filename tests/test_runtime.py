@@ -77,14 +77,16 @@ needs_compiler = pytest.mark.skipif(not has_cxx_compiler(),
 
 
 @needs_compiler
-def test_student_with_compiled_kernels_resumes_exactly_and_follows_eager(tmp_path, micro_overrides):
-    """train.kernels=compiled: a BinaryDM W1A4 student cut at step 3 and resumed repeats the uninterrupted run's
-    losses bit for bit; its losses are the eager run's to 1e-4 relative (only d/ds sums in another order); the
-    kernels are part of the resume check."""
+@pytest.mark.parametrize("method", ["binarydm", "bidm"])
+def test_student_with_compiled_kernels_resumes_exactly_and_follows_eager(tmp_path, micro_overrides, method):
+    """train.kernels=compiled: a BinaryDM W1A4 (compiled LSQ) or BiDM W1A1 (compiled RSign) student cut at step 3
+    and resumed repeats the uninterrupted run's losses bit for bit; its losses are the eager run's to 1e-4
+    relative (only the step / threshold gradient sums run in another order); the kernels are part of the resume
+    check."""
     teacher = train(_spec(micro_overrides, 2), tmp_path / "teacher", progress=False)
 
     def student(out, steps, *extra):
-        spec = build_train_spec(method="binarydm", abits=4, teacher=str(teacher), steps=steps,
+        spec = build_train_spec(method=method, teacher=str(teacher), steps=steps,
                                 overrides=["train.batch_size=4", "train.threads=1", "train.log_every=1",
                                            "data.limit=16", "train.lr=1e-3", "binarize.ebb_stage2_step=3",
                                            "binarize.progressive_every=1", *extra])

@@ -204,10 +204,61 @@ class _LSQCompiled(torch.autograd.Function):
         return gx, g_step * ctx.grad_scale, None, None, None
 
 
+def _sign_forward(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return torch.where(x + b >= 0, one, -one)
+
+
+def _approx_sign_backward(g: torch.Tensor, x: torch.Tensor, b: torch.Tensor):
+    gx = g * torch.clamp(2.0 - 2.0 * (x + b).abs(), min=0.0)
+    return gx, gx.sum(dim=(0, 2, 3), keepdim=True) if b.ndim == 4 else gx.sum()
+
+
+def _ste_sign_backward(g: torch.Tensor, x: torch.Tensor, clip: float) -> torch.Tensor:
+    return g * (x.abs() <= clip).to(g.dtype)
+
+
+class _ApproxSignCompiled(torch.autograd.Function):
+    """sign(x + b) with the ApproxSign gradient (Bi-Real Net; b = ReActNet / BiDM's learnable threshold, or a
+    0-d zero) as one compiled loop forward and one backward. Output and d/dx bit for bit those of the eager
+    chain (add -> sign, abs -> mul -> rsub -> clamp -> mul); d/db the same sum in another order."""
+
+    @staticmethod
+    def forward(ctx, x, b):
+        ctx.save_for_backward(x, b)
+        # detach(): a Parameter would be compiled with static shapes (one graph per channel count, then eager)
+        return _compiled("sign_forward")(x, b.detach())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, b = ctx.saved_tensors
+        gx, gb = _compiled("approx_sign_backward")(g.contiguous(), x, b.detach())
+        return gx, (gb if ctx.needs_input_grad[1] else None)
+
+
+class _SteSignCompiled(torch.autograd.Function):
+    """sign(x) with the clipped straight-through gradient 1{|x| <= clip}, each direction one compiled loop;
+    output and gradient bit for bit those of :class:`_SignClippedSTE`."""
+
+    @staticmethod
+    def forward(ctx, x, clip):
+        ctx.save_for_backward(x)
+        ctx.clip = clip
+        return _compiled("sign_forward")(x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _compiled("ste_sign_backward")(g.contiguous(), x, float(ctx.clip)), None
+
+
+_KERNEL_FNS = {"forward": _lsq_forward, "backward": _lsq_backward, "sign_forward": _sign_forward,
+               "approx_sign_backward": _approx_sign_backward, "ste_sign_backward": _ste_sign_backward}
+
+
 def _compiled(which: str) -> Callable:
     if which not in _COMPILED:  # compiled once per process, for every shape (dynamic), on first use
-        fn = {"forward": _lsq_forward, "backward": _lsq_backward}[which]
-        _COMPILED[which] = torch.compile(fn, dynamic=True)
+        _COMPILED[which] = torch.compile(_KERNEL_FNS[which], dynamic=True)
     return _COMPILED[which]
 
 
@@ -216,7 +267,8 @@ KERNELS = ("eager", "compiled")
 
 
 class kernels:
-    """``with kernels("compiled"):`` runs LSQ through :class:`_LSQCompiled` (``"eager"``: :class:`_LSQ`).
+    """``with kernels("compiled"):`` runs LSQ through :class:`_LSQCompiled` (``"eager"``: :class:`_LSQ`) and the
+    1-bit activation signs (``ste_sign``, ``approx_sign``, ``rsign``) through their compiled nodes.
     A context, not a setting of the model: checkpoints and exports do not depend on it."""
 
     def __init__(self, mode: str):
@@ -240,6 +292,10 @@ def ste_sign(x: torch.Tensor, clip_value: float = 1.0) -> torch.Tensor:
 def approx_sign(x: torch.Tensor) -> torch.Tensor:
     """sign(x) forward; gradient max(0, 2 - 2|x|) (Bi-Real Net ApproxSign, Liu et al. 2018)."""
     return _SignApproxSTE.apply(x)
+
+
+def _compiled_acts() -> bool:
+    return _KERNELS["mode"] == "compiled"
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -330,12 +386,14 @@ def a_identity(x: torch.Tensor) -> torch.Tensor:
 @register_act("ste_sign")
 def a_ste_sign(x: torch.Tensor) -> torch.Tensor:
     """sign(x), gradient 1{|x| <= 1}. Used by XNOR-Net and XNOR++ (Rastegari et al. 2016)."""
-    return ste_sign(x)
+    return _SteSignCompiled.apply(x, 1.0) if _compiled_acts() else ste_sign(x)
 
 
 @register_act("approx_sign")
 def a_approx_sign(x: torch.Tensor) -> torch.Tensor:
     """sign(x), gradient max(0, 2 - 2|x|) (Bi-Real Net)."""
+    if _compiled_acts():
+        return _ApproxSignCompiled.apply(x, torch.zeros((), dtype=x.dtype, device=x.device))
     return approx_sign(x)
 
 
@@ -346,6 +404,8 @@ def a_rsign(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     Gradients (ApproxSign): d/dx = d/db_c = max(0, 2 - 2|x + b_c|). Source: ReActNet ``LearnableBias``;
     BiDM TBS threshold (papers_impl.md §2.2).
     """
+    if _compiled_acts():
+        return _ApproxSignCompiled.apply(x, threshold)
     return approx_sign(x + threshold)
 
 
