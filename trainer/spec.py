@@ -130,7 +130,7 @@ class TrainConfig(Config):
     threads: int = 0  # torch intra-op threads per process (0 = leave torch's default)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N; where it runs, not what it computes
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the step (docs/methods.md, "Training speed")
-    kernels: Literal["eager", "compiled"] = "eager"  # compiled: LSQ and 1-bit signs fused by torch.compile (needs g++)
+    kernels: Literal["eager", "compiled"] = "eager"  # compiled: quantizers fused by torch.compile (g++)
 
     def validate(self) -> None:
         check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
