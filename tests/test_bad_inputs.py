@@ -226,6 +226,13 @@ def _cases():
         ("eval-tflite-stale-sidecar", ["eval", P("stale.tflite"), "--n", "2", "--out", O("e11")], "stale.json"),
         ("sample-no-ema-on-model", ["sample", F("fp"), "--no-ema", "--n", "1", "--out", O("s20")], "--no-ema"),
         # --- eval
+        ("eval-npz-with-n", ["eval", P("small.npz"), "--n", "5", "--out", O("e21")], "existing samples"),
+        ("eval-tflite-with-device", ["eval", P("stale.tflite"), "--device", "cpu", "--out", O("e22")],
+         "--device does not apply"),
+        ("sample-tflite-with-no-ema", ["sample", "--tflite", P("stale.tflite"), "--no-ema", "--out", O("s22")],
+         "--no-ema does not apply"),
+        ("sample-ckpt-and-tflite", ["sample", F("fp"), "--tflite", P("stale.tflite"), "--out", O("s23")],
+         "CKPT does not apply"),
         ("eval-ref-missing", ["eval", P("small.npz"), "--ref", "npz:/nonexistent.npz", "--out", O("e1")], "--ref"),
         ("eval-ref-limit-negative", ["eval", P("small.npz"), "--ref-limit", "-1", "--out", O("e2")], "--ref-limit"),
         ("eval-resolution-mismatch", ["eval", P("small.npz"), "--ref", "mnist5k", "--out", O("e3")], "16x16"),

@@ -120,6 +120,8 @@ def sample(ckpt, out, n, steps, eta, sampler, skip, seed, batch_size, no_ema, cl
     opts = SampleOptions(n=n, steps=steps, eta=eta, sampler=sampler, skip=skip, seed=seed, batch_size=batch_size,
                          clip_x0=clip_x0)
     if tflite:
+        _refuse_unused("with --tflite (the .tflite is sampled instead of CKPT, on the CPU's LCE interpreter, with "
+                       "the one set of weights it holds)", "ckpt", "no_ema", "device")
         from bdmtool.tools.sample_tflite import sample_tflite
 
         png, npz = sample_tflite(tflite, out, opts)
@@ -140,6 +142,16 @@ def import_(src, out, resolution, dropout):
 
     _refuse_overwriting(src, out)
     click.echo(f"wrote {import_weights(src, out, resolution=resolution, dropout=dropout)}")
+
+
+def _refuse_unused(reason: str, *names: str) -> None:
+    """Refuse options the user set on the command line that this input does not use (never silently ignored)."""
+    ctx = click.get_current_context()
+    given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        p = next(p for p in ctx.command.params if p.name == given[0])
+        label = p.human_readable_name if isinstance(p, click.Argument) else "/".join(p.opts + p.secondary_opts)
+        raise ValueError(f"{label} does not apply {reason}; drop it")
 
 
 def _refuse_overwriting(src: str, out: str) -> None:
@@ -288,6 +300,12 @@ def eval_(source, reference, ref_limit, out, n, steps, eta, seed, batch_size, cl
     from bdmtool.trainer.sampling import SampleOptions
 
     opts = SampleOptions(n=n, steps=steps, eta=eta, seed=seed, batch_size=batch_size, clip_x0=clip_x0)
+    kind = Path(source).suffix
+    if Path(source).is_dir() or kind == ".npz":
+        _refuse_unused(f"to existing samples ({source} is scored as it is; sample a checkpoint or .tflite to choose "
+                       "them)", "n", "steps", "eta", "seed", "clip_x0", "device")
+    elif kind == ".tflite":
+        _refuse_unused(f"to a .tflite ({source} runs on the CPU's LCE interpreter)", "device")
     evaluate(source, out, opts, reference=reference, ref_limit=ref_limit, with_kid=with_kid,
              inception_is_weights=inception_is_weights, log=click.echo, device=device)
 
