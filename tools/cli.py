@@ -267,6 +267,14 @@ def export(ckpt, target, out, name, a8, a4, tol, allow_float_layers, per_layer):
     """Export CKPT to a .tflite + sidecar JSON, checking parity at every stage and the binary op inventory."""
     from bdmtool.tools.export import export_checkpoint
 
+    if target == "convs":
+        _refuse_unused("to --target convs (it writes one micro-model per conv shape, named by the shape)",
+                       "name", "tol", "per_layer", "allow_float_layers")
+    elif target == "fp":
+        _refuse_unused("to --target fp (onnx2tf's float model has no binary layers)", "per_layer",
+                       "allow_float_layers")
+    elif target == "keras-fp":
+        _refuse_unused("to --target keras-fp (every layer float)", "per_layer", "allow_float_layers")
     result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, a8=a8, a4=a4, log=click.echo,
                                allow_float_layers=allow_float_layers, per_layer=per_layer)
     if target == "convs":
@@ -419,8 +427,14 @@ def bench(model, baseline, convs, device, out, threads, runs, warmup, repeats, c
     from bdmtool.android_bench.options import BenchOptions
 
     if compare:
+        _refuse_unused("with --compare (it only reads the two results files)", "model", "baseline", "convs", "device",
+                       "threads", "runs", "warmup", "repeats", "cooldown", "timeout", "no_pin", "no_xnnpack",
+                       "benchmark_binary")
         click.echo(results.compare(results.load(compare[0]), results.load(compare[1])), nl=False)
         return
+    if device == "local":
+        _refuse_unused("to --device local (phone options: this host runs the LCE interpreter in-process)",
+                       "timeout", "no_pin", "benchmark_binary")
     opts = BenchOptions(threads=threads, runs=runs, warmup_runs=warmup, repeats=repeats, cooldown_s=cooldown,
                         pin_big_cores=not no_pin, xnnpack=not no_xnnpack, timeout_s=timeout)
     try:
