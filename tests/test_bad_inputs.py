@@ -199,6 +199,10 @@ def _cases():
         # --- sample
         ("sample-seed-negative", ["sample", F("student"), "--seed", "-1", "--out", O("s20")], "--seed"),
         ("eval-seed-negative", ["eval", F("student"), "--seed", "-1", "--out", O("e20")], "--seed"),
+        ("sample-ddpm-with-eta", ["sample", F("fp"), "--sampler", "ddpm", "--eta", "0.5", "--out", O("s24")],
+         "--eta 0.5 applies to --sampler ddim only"),
+        ("sample-plms-with-skip", ["sample", F("fp"), "--sampler", "plms", "--skip", "quad", "--out", O("s25")],
+         "--skip quad applies"),
         ("sample-empty-ckpt", ["sample", P("empty.ckpt"), "--out", O("s1")], "empty.ckpt"),
         ("sample-garbage-ckpt", ["sample", P("garbage.ckpt"), "--out", O("s2")], "garbage.ckpt"),
         ("sample-truncated-ckpt", ["sample", P("truncated.ckpt"), "--out", O("s3")], "truncated.ckpt"),

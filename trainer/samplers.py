@@ -193,10 +193,19 @@ class DiffusersSampler(Sampler):
 SAMPLERS = ("ddim", "ddpm", "plms", "dpmsolver")
 
 
+def check_sampler_settings(name: str, eta: float, skip: str) -> None:
+    """Refuse an eta or a timestep skip the sampler ``name`` would ignore (one line naming the option)."""
+    if name in SAMPLERS and name != "ddim" and eta != 0:
+        raise ValueError(f"--eta {eta} applies to --sampler ddim only ({name} has no eta); drop it or use ddim")
+    if name in ("plms", "dpmsolver") and skip != "uniform":
+        raise ValueError(f"--skip {skip} applies to ddim and ddpm only ({name} spaces its own timesteps); drop it")
+
+
 def make_sampler(name: str, diffusion: Diffusion, eta: float = 0.0, skip: str = "uniform",
                  clip_x0: bool = False) -> Sampler:
     """Build a sampler by name: ``ddim`` (eta, skip, clip_x0), ``ddpm`` (skip, clip_x0), ``plms`` and
-    ``dpmsolver`` (clip_x0)."""
+    ``dpmsolver`` (clip_x0). A setting the chosen sampler has no use for is refused, not ignored."""
+    check_sampler_settings(name, eta, skip)
     if name == "ddim":
         return DDIMSampler(diffusion, eta=eta, skip=skip, clip_x0=clip_x0)
     if name == "ddpm":

@@ -17,7 +17,7 @@ from ..files import atomic_write
 from .binarize import reset_state
 from .data import from_model_range, save_grid
 from .diffusion import Diffusion
-from .samplers import make_sampler, sample_loop
+from .samplers import check_sampler_settings, make_sampler, sample_loop
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class SampleOptions:
             raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
         if not (self.eta >= 0 and self.eta == self.eta and self.eta != float("inf")):
             raise ValueError(f"--eta must be a finite number >= 0 (0 = deterministic DDIM), got {self.eta}")
+        check_sampler_settings(self.sampler, self.eta, self.skip)
 
 
 def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> tuple[torch.Tensor, torch.Generator]:
