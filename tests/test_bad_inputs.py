@@ -337,6 +337,8 @@ def _cases():
         ("replicate-report-only-empty", ["replicate", "--report-only", "--out", O("r6")], "has finished"),
         ("replicate-table-unknown", ["replicate", "--tables", "t9", "--out", O("r7")], "t9"),
         # --- demo
+        ("demo-binary-without-phone", ["demo", "--benchmark-binary", P("junk.tflite"), "--out", O("m9")],
+         "--benchmark-binary does not apply"),
         ("demo-budget-0", ["demo", "--budget", "0", "--out", O("m1")], "--budget"),
         ("demo-n-1", ["demo", "--n", "1", "--out", O("m3")], "--n"),  # FID failed after minutes of sampling
         ("demo-qat-batch-0", ["demo", "--qat-batch", "0", "--out", O("m4")], "--qat-batch"),

@@ -182,6 +182,8 @@ def demo(out, budget, n, steps, seed, qat_steps, qat_batch, clip_x0, device, ben
 
     from bdmtool.tools.demo import DemoBudget, run_demo
 
+    if not (device or "").startswith("adb:"):
+        _refuse_unused("without --device adb:SERIAL (the demo's host benchmark needs no binary)", "benchmark_binary")
     b = DemoBudget().scaled(budget)
     given = {"n_samples": n, "steps": steps, "seed": seed, "qat_steps": qat_steps, "qat_batch": qat_batch,
              "clip_x0": clip_x0}
