@@ -81,6 +81,16 @@ def train(preset, data, method, wbits, abits, teacher, init, steps, out, overrid
     from bdmtool.trainer.spec import build_train_spec
     from bdmtool.trainer.train import train as run
 
+    if method is None:
+        _refuse_unused("to full-precision training (a binarized student needs --method METHOD)", "teacher",
+                       "wbits", "abits")
+    else:
+        _refuse_unused("to a binarized student (it takes its --teacher's U-Net)", "preset")
+    if init is not None:
+        _refuse_unused("with --init (the run takes that checkpoint's U-Net)", "preset")
+    for flag, key, value in (("--bf16", "train.precision", bf16), ("--device", "train.device", device)):
+        if value and any(o.split("=", 1)[0].strip() == key for o in overrides):
+            raise ValueError(f"{flag} and --set {key}=... both set {key}; give one of them")
     if method is not None and teacher is None:
         teacher = str(DEFAULT_CKPT)
     if device:
