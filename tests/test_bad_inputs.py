@@ -336,6 +336,8 @@ def _cases():
         ("bench-device-unknown", ["bench", P("junk.tflite"), "--device", "usb:3", "--out", O("b6")], "usb:3"),
         ("bench-compare-bad-json", ["bench", "--compare", P("badside.json"), P("badside.json")], "badside.json"),
         # --- replicate (refused before any training)
+        ("replicate-report-only-with-only", ["replicate", "--report-only", "--only", "fp", "--out", O("r9")],
+         "--only does not apply"),
         ("replicate-jobs-0", ["replicate", "--jobs", "0", "--out", O("r1")], "--jobs"),
         ("replicate-only-unknown", ["replicate", "--only", "fp_seed1", "--out", O("r2")], "fp_seed1"),
         ("replicate-teacher-binary", ["replicate", "--teacher", F("student"), "--out", O("r3")], "binarized"),

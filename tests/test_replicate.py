@@ -104,7 +104,7 @@ def test_replicate_two_configurations_report_matches_the_runs_and_reruns_reuse(t
     assert json.loads((clone / "report.json").read_text())["tables"] == rep["tables"]
     with open(moved, "ab") as f:  # other weights: the scores are not theirs
         f.write(b"\0")
-    changed = _run(["--out", str(clone), *args[2:-2], "--teacher", str(moved), "--report-only"])
+    changed = _run(["--out", str(clone), *args[2:4], *args[6:-2], "--teacher", str(moved), "--report-only"])
     assert changed.returncode == 1 and "has finished" in changed.stderr, changed.stderr[-1500:]
 
     # a worker running one row (--only) must not shrink the report to that row; --report-only trains nothing

@@ -240,6 +240,8 @@ def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, onl
     b = dataclasses.replace(b, **{k: v for k, v in given.items() if v is not None})
     if b.n_reference > 5000:
         raise ValueError(f"--ref-limit must be <= 5000 (MNIST-5k), got {b.n_reference}")
+    if report_only:
+        _refuse_unused("with --report-only (it trains nothing and reports every finished run)", "only", "jobs")
     keys = tuple(k.strip() for k in only.split(",") if k.strip())
     scores = {} if report_only else run_replication(out, chosen, b, teacher, jobs=jobs, only=keys, log=click.echo)
     scores = {**finished_scores(out, chosen, b, teacher), **scores}  # rows another worker or --only run finished
