@@ -211,7 +211,7 @@ def _sign_forward(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _approx_sign_backward(g: torch.Tensor, x: torch.Tensor, b: torch.Tensor):
     gx = g * torch.clamp(2.0 - 2.0 * (x + b).abs(), min=0.0)
-    return gx, gx.sum(dim=(0, 2, 3), keepdim=True) if b.ndim == 4 else gx.sum()
+    return gx, gx.sum(dim=(0, 2, 3), keepdim=True) if b.ndim == 4 else None  # 0-d b: the constant 0, no gradient
 
 
 def _ste_sign_backward(g: torch.Tensor, x: torch.Tensor, clip: float) -> torch.Tensor:
