@@ -177,7 +177,7 @@ def environment(jobs: int) -> dict:
                    if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"bdmtool": bdmtool.__version__, "torch": torch.__version__, "cpu": cpu, "cores": len(allowed_cpus()),
+    return {"bdmtool": bdmtool.__version__, "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(),
             "jobs": jobs, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
