@@ -15,6 +15,8 @@ exactly as the PyTorch side does.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 import bdmtool  # noqa: F401
@@ -200,14 +202,25 @@ def _int8_conv(builder: UNetBuilder, rec: dict, x, ranges: dict | None, probes: 
             tf.constant(kernel), min=tf.constant(-amax), max=tf.constant(amax), num_bits=8, narrow_range=True)
         return tf.nn.bias_add(tf.nn.conv2d(v, kq, strides=s, padding="VALID"), tf.constant(bias))
 
-    y = _const_op(conv, f"{kn}__int8")(x)
     if ranges is None:  # calibration build: float output, recorded
+        y = _const_op(conv, f"{kn}__int8")(x)
         if probes is not None:
             probes[name] = y
         return y
     lo, hi = ranges[name]
-    return _const_op(lambda v, lo=lo, hi=hi: tf.quantization.fake_quant_with_min_max_args(v, min=lo, max=hi, num_bits=8),
-                     f"{kn}__int8_out")(y)
+    if np.ndim(lo) == 0:  # one range for the whole output tensor
+        y = _const_op(conv, f"{kn}__int8")(x)
+        return _const_op(lambda v, lo=lo, hi=hi: tf.quantization.fake_quant_with_min_max_args(v, min=lo, max=hi,
+                                                                                           num_bits=8),
+                         f"{kn}__int8_out")(y)
+    # Equalized output: channel o is written as (y_o - c_o) / r_o, so every channel spans the int8 range, then
+    # rescaled in float. Folded into the filter and bias: the filter stays +-a_o / r_o, exact int8 per channel.
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    c, r = (hi + lo) / 2, (hi - lo) / 2
+    y = _const_op(partial(conv, kernel=kernel / r, amax=amax / r, bias=(bias - c) / r), f"{kn}__int8")(x)
+    y = _const_op(lambda v: tf.quantization.fake_quant_with_min_max_args(v, min=-1.0, max=1.0, num_bits=8),
+                  f"{kn}__int8_out")(y)
+    return _const_op(lambda v, r=r, c=c: v * tf.constant(r) + tf.constant(c), f"{kn}__int8_rescale")(y)
 
 
 def _bitplane_conv(builder: UNetBuilder, rec: dict, x):

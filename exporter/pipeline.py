@@ -174,12 +174,12 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
 
 def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float | None = None,
                target: str = "lce", a8: str = "int8", a4: str = "bitplanes", log=print,
-               per_layer: bool = False) -> ExportResult:
+               per_layer: bool = False, int8_out: str = "channel") -> ExportResult:
     """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files.
 
     ``a8`` / ``a4`` pick the kernel of W1A8 / W1A4 layers: ``int8`` (one int8 CONV_2D per layer, output
     re-quantized over a calibrated range) or ``bitplanes`` (eight / four LceBconv2d per layer, exact up to
-    level flips).
+    level flips). ``int8_out``: the int8 output range per ``channel`` (equalized, the default) or per ``tensor``.
     """
     from functools import partial
 
@@ -220,8 +220,11 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
         log(f"[lce] W1A{abits} int8: calibrating output ranges (reference inputs + 2 DDIM-20 trajectories) ...")
         probes: dict = {}
         calib = UNetBuilder(meta, weights, partial(binary_conv, a8=a8, a4=a4, probes=probes)).build()
-        ranges = int8_ranges(calib, probes, meta, ref)
+        if int8_out not in ("channel", "tensor"):
+            raise ValueError(f"int8_out must be 'channel' or 'tensor', not {int8_out!r}")
+        ranges = int8_ranges(calib, probes, meta, ref, per_channel=int8_out == "channel")
         report["int8_output_ranges"] = ranges
+        report["int8_out"] = int8_out
         log(f"[lce] W1A{abits} int8: calibrated the output range of {len(ranges)} layers on the reference inputs "
             "and 2 DDIM-20 trajectories")
         factory = partial(binary_conv, a8=a8, a4=a4, int8_ranges=ranges)

@@ -275,7 +275,11 @@ def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
     assert sorted(inv.int8_layers) == sorted(names) and not inv.fallbacks
     assert "LceQuantize" not in inv.histogram and inv.histogram["QUANTIZE"] >= 1  # int8 islands in a float graph
     assert inv.int8_param_bytes > 0
-    assert all(lo < 0 < hi for lo, hi in rep["int8_output_ranges"].values())
+    assert rep["int8_out"] == "channel"  # one range per output channel (equalized int8 output)
+    couts = {r["name"]: r["out_channels"] for r in json.loads((tmp_path / "i8" / "bundle" / "spec.json").read_text())
+             ["binary_layers"]}
+    assert all(len(lo) == len(hi) == couts[n] and all(a < b for a, b in zip(lo, hi))
+               for n, (lo, hi) in rep["int8_output_ranges"].items())
     for stage in ("keras_vs_pytorch", "tflite_vs_keras", "tflite_vs_pytorch"):
         assert 0 < rep["stages"][stage] <= INT8_TOL, (stage, rep["stages"])
     side = json.loads(res.sidecar.read_text())
@@ -334,12 +338,14 @@ def test_exporter_imports_without_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("bits,act_pad", [(8, "top"), (8, "zero"), (4, "zero")])
-def test_int8_multibit_layer_is_exact_up_to_its_output_quantization(bits, act_pad):
+@pytest.mark.parametrize("bits,act_pad,out", [(8, "top", "tensor"), (8, "zero", "tensor"), (4, "zero", "tensor"),
+                                              (8, "top", "channel"), (4, "zero", "channel")])
+def test_int8_multibit_layer_is_exact_up_to_its_output_quantization(bits, act_pad, out):
     """One W1A8 layer through the int8 path vs the training semantics computed independently (LSQ levels,
     border padded with 127 s or 0 as trained, +-a filters, bias): the .tflite must be within half an output LSB
     (plus half a bias LSB: TFLite's int32 bias has scale s_in * s_w) everywhere, i.e. the LSQ grid, the border and
-    the binary filter are carried exactly and only the int8 output (and the int32 bias) is rounded."""
+    the binary filter are carried exactly and only the int8 output (and the int32 bias) is rounded. With one
+    output range per channel (equalized), the LSB is each channel's own, and smaller than the tensor's."""
     from types import SimpleNamespace
 
     import tensorflow as tf
@@ -369,18 +375,25 @@ def test_int8_multibit_layer_is_exact_up_to_its_output_quantization(bits, act_pa
     kernel = torch.from_numpy(sign.astype(np.float32) * scale[:, None, None, None])
     want = F.conv2d(q.double(), kernel.double(), torch.from_numpy(bias).double()).permute(0, 2, 3, 1).numpy()
     lo, hi = float(want.min()) * 1.05, float(want.max()) * 1.05
-
+    if out == "channel":  # each channel's own range, as exporter/calibrate.py writes it
+        c, r = (want.max(axis=(0, 1, 2)) + want.min(axis=(0, 1, 2))) / 2, np.ptp(want, axis=(0, 1, 2)) / 2 * 1.05
+        lo, hi = c - r, c + r
+        assert np.median(hi - lo) < 0.8 * (want.max() - want.min())  # most channels need less than the tensor
     inp = tf.keras.Input((8, 8, cin), batch_size=1)
     builder = SimpleNamespace(w=w, float_layers={})
-    model = tf.keras.Model(inp, binary_conv(builder, rec, inp, a8="int8", a4="int8", int8_ranges={"l": (lo, hi)}))
+    ranges = {"l": (lo, hi) if out == "tensor" else (lo.tolist(), hi.tolist())}
+    model = tf.keras.Model(inp, binary_conv(builder, rec, inp, a8="int8", a4="int8", int8_ranges=ranges))
     fb = convert(model, log=lambda s: None)
     assert inspect_model(fb, ["l"]).int8_layers == {"l": 1}
     got = Interpreter(fb, num_threads=1).predict(x)
-    lsb = (hi - lo) / 255
+    lsb = (hi - lo) / 255  # per channel: a vector over the last axis
     err = np.abs(got - want)
     bias_lsb = step * scale.max() / 127  # TFLite stores the bias as int32 at scale s_in * s_w: half of it may round
-    assert err.max() <= 0.5 * lsb * (1 + 1e-4) + 0.5 * bias_lsb + 1e-6, (err.max(), lsb, bias_lsb)
-    assert err.max() > 1e-3 * lsb  # it does round: the comparison is not trivially exact
+    # XNNPACK's per-channel int8 requantization (an fp32 multiplier) can land a few % of an LSB past the exact
+    # rounding (measured on the 4-bit per-channel case: 0.51 LSB; TFLite's reference kernel: 0.504)
+    slack = 1e-4 if out == "tensor" else 0.05
+    assert (err <= 0.5 * lsb * (1 + slack) + 0.5 * bias_lsb + 1e-6).all(), (err.max(), lsb, bias_lsb)
+    assert (err.max(axis=(0, 1, 2)) > 1e-3 * lsb).all()  # it does round: the comparison is not trivially exact
 
 
 @pytest.mark.parametrize("bits,two_bases,stride", [(4, True, 1), (8, False, 2), (4, False, 1)])

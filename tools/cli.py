@@ -268,6 +268,9 @@ def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, onl
               help="Kernel for W1A4 layers: four LceBconv2d bit planes (exact) or one int8 CONV_2D per layer (the "
                    "4-bit LSQ grid is a sub-grid of int8; each output is re-quantized to 8 bits, which flips some "
                    "4-bit levels downstream: check its samples with `bdmtool eval`). Zero-padded W1A4 needs int8.")
+@click.option("--int8-out", type=click.Choice(["channel", "tensor"]), default=None, show_default="channel",
+              help="Output range of each int8 layer: one per output channel (equalized: every channel spans the "
+                   "256 levels, then a float rescale; the default) or one for the whole tensor (TFLite's usual).")
 @click.option("--tol", type=float, default=None,
               help="Max |d eps| allowed between stages [default: 1e-4; int8 path: 0.25; W1A8 bit planes: 0.1].")
 @click.option("--allow-float-layers", is_flag=True,
@@ -277,7 +280,7 @@ def replicate(out, tables, budget, steps, n, ref_limit, seeds, sample_steps, onl
               help="Also report, for every binary layer, max |d| and cosine similarity of its output between "
                    "PyTorch and the .tflite (export_report.json 'per_layer'; converts a probe twin, ~+50%% time).")
 @_friendly
-def export(ckpt, target, out, name, a8, a4, tol, allow_float_layers, per_layer):
+def export(ckpt, target, out, name, a8, a4, int8_out, tol, allow_float_layers, per_layer):
     """Export CKPT to a .tflite + sidecar JSON, checking parity at every stage and the binary op inventory."""
     from bdmtool.tools.export import export_checkpoint
 
@@ -290,7 +293,7 @@ def export(ckpt, target, out, name, a8, a4, tol, allow_float_layers, per_layer):
     elif target == "keras-fp":
         _refuse_unused("to --target keras-fp (every layer float)", "per_layer", "allow_float_layers")
     result = export_checkpoint(ckpt, out, target=target, name=name, tol=tol, a8=a8, a4=a4, log=click.echo,
-                               allow_float_layers=allow_float_layers, per_layer=per_layer)
+                               allow_float_layers=allow_float_layers, per_layer=per_layer, int8_out=int8_out)
     if target == "convs":
         return
     click.echo(f"wrote {result.tflite} ({result.report['file_bytes'] / 1024:.1f} KiB) and {result.sidecar}")

@@ -9,18 +9,24 @@ from pathlib import Path
 
 _SAFE_NAME = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,100}")  # no separators, no '..' escape, no hidden files
 
+INT8_OUT_DEFAULT = "channel"  # int8 layers: one output range per channel (docs/methods.md, equalized int8 outputs)
+
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
                       tol: float | None = None, a8: str | None = None, a4: str | None = None,
-                      log: Callable[[str], None] = print, allow_float_layers: bool = False, per_layer: bool = False):
+                      log: Callable[[str], None] = print, allow_float_layers: bool = False, per_layer: bool = False,
+                      int8_out: str | None = None):
     """``a8`` / ``a4``: the kernel of W1A8 / W1A4 layers (None = int8 / bit planes); given for a checkpoint
-    without such layers, or for a float target, they are refused rather than ignored."""
+    without such layers, or for a float target, they are refused rather than ignored. ``int8_out``: the int8
+    layers' output range per ``channel`` (equalized; None = that) or per ``tensor``, refused without int8 layers."""
     from bdmtool.trainer.bundle import write_bundle
 
     log = timed(log)
-    given = [f for f, v in (("--a8", a8), ("--a4", a4)) if v is not None]
+    given = [f for f, v in (("--a8", a8), ("--a4", a4), ("--int8-out", int8_out)) if v is not None]
     if given and target != "lce":
         raise ValueError(f"{given[0]} chooses the kernel of binary layers; --target {target} has none: drop it")
+    if int8_out not in (None, "channel", "tensor"):
+        raise ValueError(f"--int8-out must be channel or tensor, not {int8_out!r}")
     a8, a4 = a8 or "int8", a4 or "bitplanes"
     if target == "convs":
         return export_convs(ckpt, out, log=log)
@@ -46,7 +52,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         return export_onnx2tf(bundle, onnx_path, out, name=name or "fp", tol=1e-4 if tol is None else tol, log=log)
     from bdmtool.exporter.pipeline import export_lce
 
-    return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, a4=a4, log=log, per_layer=per_layer)
+    return export_lce(bundle, out, name=name, tol=tol, target=target, a8=a8, a4=a4, log=log, per_layer=per_layer,
+                      int8_out=int8_out or INT8_OUT_DEFAULT)
 
 
 def timed(log: Callable[[str], None]) -> Callable[[str], None]:
@@ -71,7 +78,7 @@ def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_f
     if b is None:
         raise NotExportableError(f"{ckpt} is a full-precision checkpoint: --target lce would write a float model "
                                  "with no LceBconv2d; use --target fp (or keras-fp), or export a binarized student")
-    for flag in given:
+    for flag in (f for f in given if f in ("--a8", "--a4")):
         if b.abits != int(flag[3:]):
             raise NotExportableError(f"{flag} chooses the kernel of W1A{flag[3:]} layers, but {ckpt} is "
                                      f"W{b.wbits}A{b.abits}" + (f": use --a{b.abits}" if b.abits in (4, 8) else
@@ -86,6 +93,10 @@ def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_f
                                  "default) or learned")
     if why := padding_refusal(b.to_dict(), a8, a4):
         raise NotExportableError(why)
+    if "--int8-out" in given and {8: a8, 4: a4}.get(b.abits) != "int8":
+        raise NotExportableError(f"--int8-out sets the output range of int8 layers, but {ckpt} is W{b.wbits}A{b.abits}"
+                                 + (f" on bit planes: add --a{b.abits} int8 or drop it" if b.abits in (4, 8) else
+                                    ", which has none: drop it"))
     w = inference_weights(ck)
     bad_steps = [(k[:-5], float(v.min())) for k, v in w.items() if k.endswith(".step") and float(v.min()) <= 0]
     if bad_steps:
