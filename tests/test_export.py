@@ -460,3 +460,35 @@ def test_gate_allows_an_uncertified_input_its_flip_envelope_and_no_more():
         gate([0.2, 0.3, 1e-6], [1e-7] * 3, [0.2 / ENVELOPE_FACTOR - 1e-3, 0.1, 0.0])
     with pytest.raises(ParityError, match="no bit may flip"):  # a certified input has no envelope
         gate([2e-4, 1e-6, 1e-6], [1e-5, 1e-5, 1e-7], [0.5, 0.0, 0.0])
+
+
+def test_tflite_sampling_resumes_after_an_interruption(tmp_path, teacher, monkeypatch):
+    """`sample --tflite` / `eval x.tflite` keep finished chunks in <out>.partial/: a run interrupted after its
+    first chunk, run again, samples only the missing chunk and writes the images of an uninterrupted run."""
+    import bdmtool.tools.sample_tflite as ST
+    from bdmtool.tools.export import export_checkpoint
+    from bdmtool.trainer.sampling import SampleOptions
+
+    res = export_checkpoint(teacher, tmp_path / "kfp", target="keras-fp", log=lambda s: None)
+    opts = SampleOptions(n=ST.CHUNK + 2, steps=2, seed=5)
+    _, ref = ST.sample_tflite(res.tflite, tmp_path / "ref", opts, workers=1)
+
+    real, calls = ST._sample_range, []
+
+    def flaky(tflite, start, stop, *a, **k):
+        calls.append(start)
+        if start > 0:
+            raise KeyboardInterrupt
+        return real(tflite, start, stop, *a, **k)
+
+    monkeypatch.setattr(ST, "_sample_range", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ST.sample_tflite(res.tflite, tmp_path / "run", opts, workers=1)
+    assert sorted(p.name for p in (tmp_path / "run.partial").glob("batch_*.npz")) == ["batch_0.npz"]
+    calls.clear()
+    monkeypatch.setattr(ST, "_sample_range", lambda tflite, start, *a, **k: (calls.append(start),
+                                                                            real(tflite, start, *a, **k))[1])
+    _, got = ST.sample_tflite(res.tflite, tmp_path / "run", opts, workers=1)
+    assert calls == [ST.CHUNK]  # only the missing chunk
+    assert np.array_equal(np.load(got)["arr_0"], np.load(ref)["arr_0"])
+    assert not (tmp_path / "run.partial").exists()

@@ -5,6 +5,9 @@ the sidecar's schedule; one image at a time (exported models have batch 1), rese
 at the start of each image's run. Images are independent, so chunks of them run in ``workers``
 processes (LCE's fast x86 bconv kernel is single-threaded); with eta > 0 each image draws its step noise
 from its own generator (seeded by ``seed`` and its index), so the result does not depend on ``workers``.
+Finished chunks are kept in ``<out>.partial/`` (keyed by the file's sha256 and the options) until the npz is
+written, so an interrupted run (an N = 1,000 evaluation through the x86 bit-plane kernels takes hours) continues
+where it stopped with the same images.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def default_workers() -> int:
 
 def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
                   workers: int | None = None) -> tuple[Path, Path]:
-    from bdmtool.trainer.sampling import write_samples
+    from bdmtool.files import file_sha256
+    from bdmtool.trainer.sampling import PartialSamples, write_samples
 
     tflite = Path(tflite)
     side_path = tflite.with_suffix(".json")
@@ -85,24 +89,37 @@ def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
     side = read_json(side_path, "sidecar written by `bdmtool export`")
     inspect_file(tflite)  # a damaged file fails here, in one line, before any worker starts; named as damage,
     check_sidecar_matches(tflite, side, side_path)  # not as the sidecar mismatch a damaged copy also has
+    base = Path(out)
+    base = base.with_suffix("") if base.suffix.lower() in (".png", ".npz") else base
+    partial = PartialSamples(base.parent / f"{base.name}.partial",
+                             {"tflite_sha256": file_sha256(tflite), "chunk": CHUNK, **opts.__dict__})
     chunks = [(s, min(s + CHUNK, opts.n)) for s in range(0, opts.n, CHUNK)]
-    workers = max(1, min(workers or default_workers(), len(chunks)))
     parts: dict[int, np.ndarray] = {}
-    bar = tqdm(total=opts.n, desc=f"sampling {tflite.name} ({workers} process{'es' if workers > 1 else ''})",
-               unit="img")
+    for s, _ in chunks:
+        if (kept := partial.load(s)) is not None:
+            parts[s] = kept[0]
+    todo = [(s, e) for s, e in chunks if s not in parts]
+    workers = max(1, min(workers or default_workers(), len(todo) or 1))
+    bar = tqdm(total=opts.n, initial=opts.n - sum(e - s for s, e in todo), unit="img",
+               desc=f"sampling {tflite.name} ({workers} process{'es' if workers > 1 else ''})")
+
+    def done(s: int, images: np.ndarray) -> None:
+        parts[s] = images
+        partial.save(s, images, torch.zeros(0, dtype=torch.uint8))  # images are independent: no generator state
+        bar.update(len(images))
+
     if workers == 1:
-        for s, e in chunks:
-            parts[s] = _sample_range(str(tflite), s, e, opts, threads)
-            bar.update(e - s)
+        for s, e in todo:
+            done(s, _sample_range(str(tflite), s, e, opts, threads))
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futs = {pool.submit(_sample_range, str(tflite), s, e, opts, threads): (s, e) for s, e in chunks}
+            futs = {pool.submit(_sample_range, str(tflite), s, e, opts, threads): s for s, e in todo}
             for f in as_completed(futs):
-                s, e = futs[f]
-                parts[s] = f.result()
-                bar.update(e - s)
+                done(futs[f], f.result())
     bar.close()
     images = np.concatenate([parts[s] for s, _ in chunks])
     meta = {"tflite": str(tflite), "method": side["method"], "bits": side["bits"], "workers": workers,
             **opts.__dict__}
-    return write_samples(images, out, meta)
+    paths = write_samples(images, out, meta)
+    partial.clear()
+    return paths
