@@ -89,10 +89,8 @@ def sample_tflite(tflite: str | Path, out: str | Path, opts, threads: int = 1,
     side = read_json(side_path, "sidecar written by `bdmtool export`")
     inspect_file(tflite)  # a damaged file fails here, in one line, before any worker starts; named as damage,
     check_sidecar_matches(tflite, side, side_path)  # not as the sidecar mismatch a damaged copy also has
-    base = Path(out)
-    base = base.with_suffix("") if base.suffix.lower() in (".png", ".npz") else base
-    partial = PartialSamples(base.parent / f"{base.name}.partial",
-                             {"tflite_sha256": file_sha256(tflite), "chunk": CHUNK, **opts.__dict__})
+    sha = side.get("model_sha256") or file_sha256(tflite)  # the sidecar's was just checked against the file
+    partial = PartialSamples.beside(out, {"tflite_sha256": sha, "chunk": CHUNK, **opts.__dict__})
     chunks = [(s, min(s + CHUNK, opts.n)) for s in range(0, opts.n, CHUNK)]
     parts: dict[int, np.ndarray] = {}
     for s, _ in chunks:

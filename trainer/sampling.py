@@ -97,6 +97,13 @@ class PartialSamples:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(meta, json.dumps(self.key, indent=2))
 
+    @classmethod
+    def beside(cls, out: str | os.PathLike, key: dict) -> "PartialSamples":
+        """The batches of the samples ``write_samples(..., out, ...)`` will write: ``<out>.partial/``."""
+        base = Path(out)
+        base = base.with_suffix("") if base.suffix.lower() in (".png", ".npz") else base
+        return cls(base.parent / f"{base.name}.partial", key)
+
     def load(self, i: int) -> tuple[np.ndarray, torch.Tensor] | None:
         path = self.folder / f"batch_{i}.npz"
         try:
@@ -143,10 +150,8 @@ def sample_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike, opts
     dev = resolve_device(device)
     model, spec, ckpt = load_model(ckpt_path, use_ema=use_ema)
     shape = (spec.unet.in_channels, spec.unet.resolution, spec.unet.resolution)
-    base = Path(out)
-    base = base.with_suffix("") if base.suffix.lower() in (".png", ".npz") else base
-    partial = PartialSamples(base.parent / f"{base.name}.partial",
-                             {"checkpoint_sha256": file_sha256(ckpt_path), "use_ema": use_ema, **opts.__dict__})
+    partial = PartialSamples.beside(out, {"checkpoint_sha256": file_sha256(ckpt_path), "use_ema": use_ema,
+                                          **opts.__dict__})
     with torch.no_grad():
         images = generate(model.to(dev), Diffusion(spec.diffusion), shape, opts, progress=progress, device=dev,
                           partial=partial)
