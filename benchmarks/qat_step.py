@@ -1,14 +1,15 @@
 """QAT training-step time per method and precision, relative to an FP training step of the same U-Net and batch.
 
     python benchmarks/qat_step.py [--preset tiny] [--batch 32] [--repeats 5] [--methods binarydm,bidm,...]
-                                  [--modes fp32,bf16,fp32+compiled,bf16+compiled]
+                                  [--modes fp32,bf16,fp32+compiled,bf16+compiled+channels_last,...]
 
 Each row times the full step the trainer runs (schedule, TBS cache pass, student forward, teacher forward
 and distillation terms, backward, AdamW) with median over ``--repeats`` after one warm-up step, inside the
 same autocast context as ``bdmtool train`` (``train.precision``), and for ``+compiled`` modes with the
-quantizers' compiled kernels (``train.kernels=compiled``; the first steps compile them, outside the timing).
-Columns: the step, QAT / FP at the same precision (the FP step has no quantizers, so its kernels do not
-matter), QAT / FP against the eager-fp32 FP step (the issue-14 yardstick), and the speed-up over eager fp32 for
+quantizers' compiled kernels (``train.kernels=compiled``; the first steps compile them, outside the timing),
+for ``+channels_last`` modes with student, teacher and batch in NHWC (``train.memory_format=channels_last``).
+Columns: the step, QAT / FP at the same precision and layout (the FP step has no quantizers, so its kernels
+do not matter), QAT / FP against the eager-fp32 FP step (the issue-14 yardstick), and the speed-up over eager fp32 for
 the same method, all from one run.
 """
 
@@ -26,29 +27,37 @@ from bdmtool.trainer.checkpoint import atomic_save, make_checkpoint
 from bdmtool.trainer.diffusion import Diffusion
 from bdmtool.trainer.objective import TrainingObjective
 from bdmtool.trainer.quantizers import kernels
-from bdmtool.trainer.runtime import autocast
+from bdmtool.trainer.runtime import autocast, to_layout
 from bdmtool.trainer.spec import METHODS, TrainSpec, UNetConfig, build_train_spec
 from bdmtool.trainer.train import build_student
 
 
-def training_setup(spec: TrainSpec, batch: int):
-    """The trainer's pieces for ``spec`` on one fixed random batch, prepared (LSQ steps, LRM projections):
-    (student, teacher, objective, optimizer, (x0, t, noise))."""
+def training_setup(spec: TrainSpec, batch: int, layout: str = "contiguous"):
+    """The trainer's pieces for ``spec`` on one fixed random batch in ``layout``, prepared (LSQ steps, LRM
+    projections): (student, teacher, objective, optimizer, (x0, t, noise))."""
     torch.manual_seed(0)
     model, teacher = build_student(spec)
+    for net in (model, teacher):
+        if net is not None:
+            to_layout(net, layout)
     objective = TrainingObjective(spec, Diffusion(spec.diffusion), model, teacher)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     c, r = spec.unet.in_channels, spec.unet.resolution
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(batch, c, r, r, generator=g) * 2 - 1, torch.randn(batch, c, r, r, generator=g)
+    x0, noise = to_layout(x0, layout), to_layout(noise, layout)
     t = torch.randint(0, spec.diffusion.timesteps - 1, (batch,), generator=g)
     objective.prepare(x0, t, noise)
     return model, teacher, objective, opt, (x0, t, noise)
 
 
 def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -> float:
-    precision, _, kernel = mode.partition("+")
-    model, _, objective, opt, (x0, t, noise) = training_setup(spec, batch)
+    precision, *flags = mode.split("+")
+    if set(flags) - {"compiled", "channels_last"}:
+        raise SystemExit(f"mode {mode!r}: PRECISION[+compiled][+channels_last], PRECISION fp32 or bf16")
+    kernel = "compiled" if "compiled" in flags else ""
+    layout = "channels_last" if "channels_last" in flags else "contiguous"
+    model, _, objective, opt, (x0, t, noise) = training_setup(spec, batch, layout)
 
     def step(i: int) -> None:
         with autocast(precision, torch.device("cpu")), kernels(kernel or "eager"):
@@ -67,6 +76,12 @@ def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -
     return statistics.median(times)
 
 
+def _fp_mode(mode: str) -> str:
+    """The FP step a QAT mode is compared with: the same precision and layout (an FP step has no quantizers,
+    so the kernels do not apply to it)."""
+    return "+".join(f for f in mode.split("+") if f != "compiled")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -74,12 +89,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--modes", default="fp32,bf16,fp32+compiled,bf16+compiled",
-                    help="PRECISION[+compiled], comma-separated")
+                    help="PRECISION[+compiled][+channels_last], comma-separated")
     a = ap.parse_args()
     modes = a.modes.split(",")
     if "fp32" not in modes:
         modes.insert(0, "fp32")
-    precisions = sorted({m.partition("+")[0] for m in modes}, key=["fp32", "bf16"].index)
+    for m in modes:
+        if m.split("+")[0] not in ("fp32", "bf16"):
+            raise SystemExit(f"mode {m!r}: PRECISION[+compiled][+channels_last], PRECISION fp32 or bf16")
     torch.manual_seed(0)
     from bdmtool.trainer.unet import UNet
 
@@ -87,18 +104,19 @@ def main() -> None:
         teacher = Path(tmp) / "teacher.ckpt"
         fp_spec = build_train_spec(a.preset, "mnist5k" if UNetConfig.from_name(a.preset).in_channels == 1 else "digits")
         atomic_save(make_checkpoint(fp_spec, 0, UNet(fp_spec.unet).state_dict()), teacher)
-        fp = {p: _time_steps(fp_spec, a.batch, a.repeats, p) for p in precisions}  # the same loop, no binarization
-        rows = [("fp", 32, p, fp[p]) for p in precisions]
+        fp_modes = list(dict.fromkeys(_fp_mode(m) for m in modes))
+        fp = {p: _time_steps(fp_spec, a.batch, a.repeats, p) for p in fp_modes}  # the same loop, no binarization
+        rows = [("fp", 32, p, fp[p]) for p in fp_modes]
         for m in a.methods.split(","):
             spec = build_train_spec(method=m, teacher=str(teacher))
             rows += [(m, spec.binarize.abits, p, _time_steps(spec, a.batch, a.repeats, p)) for p in modes]
     print(f"\npreset {a.preset}, batch {a.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| method | W/A bits | mode | step (s) | QAT / FP (same precision) | QAT / FP fp32 "
+    print("| method | W/A bits | mode | step (s) | QAT / FP (same precision and layout) | QAT / FP fp32 "
           "| speed-up vs fp32 |")
     print("|---|---|---|---:|---:|---:|---:|")
     for m, abits, p, s in rows:
         own = next(x[3] for x in rows if x[0] == m and x[2] == "fp32")
-        print(f"| {m} | {'32/32' if m == 'fp' else f'1/{abits}'} | {p} | {s:.3f} | {s / fp[p.partition('+')[0]]:.2f} | "
+        print(f"| {m} | {'32/32' if m == 'fp' else f'1/{abits}'} | {p} | {s:.3f} | {s / fp[_fp_mode(p)]:.2f} | "
               f"{s / fp['fp32']:.2f} | {own / s:.2f}× |")
 
 

@@ -1,5 +1,5 @@
 """Where and how a step runs: --device resolution, bf16 autocast training (exact resume, loss near fp32),
-and the CUDA path (skipped here with the reason when torch sees no GPU)."""
+channels-last training, and the CUDA path (skipped here with the reason when torch sees no GPU)."""
 
 import pytest
 import torch
@@ -72,6 +72,22 @@ def test_binary_student_trains_in_bf16(tmp_path, micro_overrides):
     assert len(rows) == 3 and all(r["loss"] == r["loss"] and r["loss"] < 10 for r in rows)
 
 
+def _student_runner(tmp_path, micro_overrides, method):
+    """A 2-step teacher, and ``student(out, steps, *overrides)``: trains a small ``method`` student from it into
+    ``tmp_path / out`` (resuming when it exists) and returns its logged losses."""
+    teacher = train(_spec(micro_overrides, 2), tmp_path / "teacher", progress=False)
+
+    def student(out, steps, *extra):
+        spec = build_train_spec(method=method, teacher=str(teacher), steps=steps,
+                                overrides=["train.batch_size=4", "train.threads=1", "train.log_every=1",
+                                           "data.limit=16", "train.lr=1e-3", "binarize.ebb_stage2_step=3",
+                                           "binarize.progressive_every=1", *extra])
+        train(spec, tmp_path / out, progress=False)
+        return [r["loss"] for r in read_metrics(tmp_path / out / "metrics.jsonl")]
+
+    return student
+
+
 needs_compiler = pytest.mark.skipif(not has_cxx_compiler(),
                                     reason="train.kernels=compiled needs a C++ compiler (torch.compile's CPU backend)")
 
@@ -83,15 +99,7 @@ def test_student_with_compiled_kernels_resumes_exactly_and_follows_eager(tmp_pat
     and resumed repeats the uninterrupted run's losses bit for bit; its losses are the eager run's to 1e-4
     relative (only the step / threshold gradient sums run in another order); the kernels are part of the resume
     check."""
-    teacher = train(_spec(micro_overrides, 2), tmp_path / "teacher", progress=False)
-
-    def student(out, steps, *extra):
-        spec = build_train_spec(method=method, teacher=str(teacher), steps=steps,
-                                overrides=["train.batch_size=4", "train.threads=1", "train.log_every=1",
-                                           "data.limit=16", "train.lr=1e-3", "binarize.ebb_stage2_step=3",
-                                           "binarize.progressive_every=1", *extra])
-        train(spec, tmp_path / out, progress=False)
-        return [r["loss"] for r in read_metrics(tmp_path / out / "metrics.jsonl")]
+    student = _student_runner(tmp_path, micro_overrides, method)
 
     full = student("full", 6, "train.kernels=compiled", "train.ckpt_every=100")
     student("cut", 3, "train.kernels=compiled", "train.ckpt_every=3")
@@ -101,6 +109,28 @@ def test_student_with_compiled_kernels_resumes_exactly_and_follows_eager(tmp_pat
     with pytest.raises(ValueError, match="different spec"):
         student("cut", 8, "train.ckpt_every=3")
 
+
+@pytest.mark.parametrize("method", ["binarydm", "bidm"])
+def test_channels_last_student_resumes_exactly_and_follows_contiguous(tmp_path, micro_overrides, method):
+    """train.memory_format=channels_last: a student cut at step 3 and resumed repeats the uninterrupted run's
+    losses bit for bit, follows the NCHW run's losses (the first to 1e-5: other convolution kernels, the same
+    values; later ones to 1 %, as float-rounding differences flip a few signs), writes contiguous checkpoints,
+    and the layout is part of the resume check."""
+    student = _student_runner(tmp_path, micro_overrides, method)
+
+    full = student("full", 6, "train.memory_format=channels_last", "train.ckpt_every=100")
+    student("cut", 3, "train.memory_format=channels_last", "train.ckpt_every=3")
+    assert student("cut", 6, "train.memory_format=channels_last", "train.ckpt_every=3") == full
+    nchw = student("nchw", 6, "train.ckpt_every=100")
+    assert full != nchw  # the other layout really ran
+    assert full[0] == pytest.approx(nchw[0], rel=1e-5)  # the same weights: only convolution rounding differs
+    assert all(abs(a - b) <= 0.01 * abs(b) for a, b in zip(full, nchw)), (full, nchw)  # sign flips then grow it
+    state = load_checkpoint(tmp_path / "cut" / "state.ckpt")
+    assert all(v.is_contiguous() for v in state["model"].values())
+    with pytest.raises(ValueError, match="different spec"):
+        student("cut", 8, "train.ckpt_every=3")
+    with pytest.raises(ValueError, match="train.memory_format"):
+        build_train_spec("tiny", "digits", 1, ["train.memory_format=nhwc"])
 
 @needs_cuda
 def test_cuda_training_and_sampling_match_cpu(tmp_path, micro_overrides):

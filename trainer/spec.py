@@ -131,6 +131,7 @@ class TrainConfig(Config):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N; where it runs, not what it computes
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the step (docs/methods.md, "Training speed")
     kernels: Literal["eager", "compiled"] = "eager"  # compiled: quantizers fused by torch.compile (g++)
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"  # channels_last: NHWC images and weights
 
     def validate(self) -> None:
         check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")

@@ -30,7 +30,7 @@ from .diffusion import Diffusion
 from .metrics import MetricsLog, plot_loss_curve
 from .quantizers import kernels
 from .objective import TrainingObjective
-from .runtime import autocast, move_to_cpu, resolve_device
+from .runtime import autocast, move_to_cpu, resolve_device, to_layout
 from .spec import TrainSpec
 from .unet import UNet, count_parameters
 
@@ -181,7 +181,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
         ema.eval().requires_grad_(False)
         for net_ in (model, ema, teacher):
             if net_ is not None:
-                net_.to(device)
+                to_layout(net_.to(device), tc.memory_format)
         objective = TrainingObjective(spec, diffusion, model, teacher)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
                                 weight_decay=tc.weight_decay)
@@ -199,7 +199,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
                 objective.distiller.to(device)
             start = ckpt["step"]
         else:
-            objective.prepare(*make_batch(images, spec, 0, env, device))
+            objective.prepare(*(to_layout(v, tc.memory_format) for v in make_batch(images, spec, 0, env, device)))
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "spec.json", spec.to_json())
@@ -227,7 +227,7 @@ def train(spec: TrainSpec, out_dir: str | os.PathLike, resume: bool = True, prog
         saved = start if state_path.exists() else None
         t_last = time.perf_counter()
         for step in bar:
-            x0, t, noise = make_batch(images, spec, step, env, device)
+            x0, t, noise = (to_layout(v, tc.memory_format) for v in make_batch(images, spec, step, env, device))
             torch.manual_seed(_generator(tc.seed, 3, step, env.rank).initial_seed())  # dropout
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, spec)

@@ -1,12 +1,14 @@
 """Where and how the computation runs: device (CPU / CUDA), arithmetic precision (fp32 / bf16 autocast),
-and how many threads (``threads``: the CLI's choice next to other busy processes; imports no torch).
+memory layout (NCHW / channels-last), and how many threads (``threads``: the CLI's choice next to other busy
+processes; imports no torch).
 
 None of this changes what a model *is*: checkpoints are written with CPU tensors and load on any device,
 and the random draws of training and sampling come from CPU generators, so a run's batches and a sampler's
 noise are the same numbers on every device.
 """
 
-_LAZY = {"move_to_cpu": "device", "resolve_device": "device", "autocast": "precision", "PRECISIONS": "precision"}
+_LAZY = {"move_to_cpu": "device", "resolve_device": "device", "autocast": "precision", "PRECISIONS": "precision",
+         "to_layout": "layout", "LAYOUTS": "layout"}
 
 
 def parse_device(name: str) -> tuple[str, int | None] | None:

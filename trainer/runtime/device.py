@@ -33,9 +33,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def move_to_cpu(obj):
-    """``obj`` (tensors inside dicts / lists / tuples) with every tensor on the CPU; other values as they are."""
+    """``obj`` (tensors inside dicts / lists / tuples) with every tensor on the CPU and contiguous (a
+    channels-last run writes the same files as any other); other values as they are."""
     if isinstance(obj, torch.Tensor):
-        return obj.cpu()
+        return obj.cpu().contiguous()
     if isinstance(obj, dict):
         return {k: move_to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
