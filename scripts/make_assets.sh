@@ -3,7 +3,7 @@
 # Every step resumes: re-run the script after an interruption and finished runs are reused.
 #   1. the FP teacher: 6,000 steps from scratch (v1), then 8,000 more steps from v1's weights with a cosine
 #      learning rate (v2, the embedded tiny_mnist_fp.ckpt);  2. its grid and FID (1,000 samples vs MNIST-5k);
-#   3. the shipped students from it (51 min to 1 h 33 min each on one thread, two side by side), packed to sign bits (bdmtool pack),
+#   3. the shipped students from it (1 h 13 min to 2 h 38 min each on one thread, two side by side), packed to sign bits (bdmtool pack),
 #      with their grids, loss curves and pass-through diagnostics.
 # STAGE=teacher|students|all (default all). THREADS (default 2) sets torch's threads for the trainings.
 # ONLY=<student name> (e.g. ONLY=bidm_w1a1) builds one student and skips the shared diagnostic, so that two
@@ -29,8 +29,8 @@ fi
 if [ "$STAGE" = students ] || [ "$STAGE" = all ]; then
   # name  method  abits  steps  [one extra --set]  (equal steps for the two W1A1 methods: BiDM vs its XNOR baseline;
   # W1A8 and W1A4 distil the teacher's ε, docs/methods.md "Output distillation")
-  for spec in "binarydm_w1a8 binarydm 8 7000 distill.kd_weight=1.0" "binarydm_w1a4 binarydm 4 4500 distill.kd_weight=1.0" "bidm_w1a1 bidm 1 3500" \
-              "xnor_w1a1 xnor 1 3500"; do
+  for spec in "binarydm_w1a8 binarydm 8 7000 distill.kd_weight=1.0" "binarydm_w1a4 binarydm 4 4500 distill.kd_weight=1.0" "bidm_w1a1 bidm 1 7000" \
+              "xnor_w1a1 xnor 1 7000"; do
     set -- $spec
     if [ -n "${ONLY:-}" ] && [ "$ONLY" != "$1" ]; then continue; fi
     $B train --method $2 --abits $3 --teacher $A/tiny_mnist_fp.ckpt --steps $4 --out runs/student_$1 \
