@@ -51,22 +51,27 @@ def training_setup(spec: TrainSpec, batch: int, layout: str = "contiguous"):
     return model, teacher, objective, opt, (x0, t, noise)
 
 
-def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -> float:
+def _parse_mode(mode: str) -> tuple[str, str, str]:
+    """``PRECISION[+compiled][+channels_last]`` as (precision, kernels, layout); exits naming a bad mode."""
     precision, *flags = mode.split("+")
-    if set(flags) - {"compiled", "channels_last"}:
+    if precision not in ("fp32", "bf16") or set(flags) - {"compiled", "channels_last"}:
         raise SystemExit(f"mode {mode!r}: PRECISION[+compiled][+channels_last], PRECISION fp32 or bf16")
-    kernel = "compiled" if "compiled" in flags else ""
-    layout = "channels_last" if "channels_last" in flags else "contiguous"
+    return (precision, "compiled" if "compiled" in flags else "eager",
+            "channels_last" if "channels_last" in flags else "contiguous")
+
+
+def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -> float:
+    precision, kernel, layout = _parse_mode(mode)
     model, _, objective, opt, (x0, t, noise) = training_setup(spec, batch, layout)
 
     def step(i: int) -> None:
-        with autocast(precision, torch.device("cpu")), kernels(kernel or "eager"):
+        with autocast(precision, torch.device("cpu")), kernels(kernel):
             loss = objective(model, x0, t, noise, i)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(2 if kernel else 1):  # warm-up with every schedule stage switched on (all layers binary)
+    for _ in range(2 if kernel == "compiled" else 1):  # warm-up with every schedule stage switched on (all layers binary)
         step(10**6)
     times = []
     for _ in range(repeats):
@@ -95,8 +100,7 @@ def main() -> None:
     if "fp32" not in modes:
         modes.insert(0, "fp32")
     for m in modes:
-        if m.split("+")[0] not in ("fp32", "bf16"):
-            raise SystemExit(f"mode {m!r}: PRECISION[+compiled][+channels_last], PRECISION fp32 or bf16")
+        _parse_mode(m)  # refuse a bad mode before any timing
     torch.manual_seed(0)
     from bdmtool.trainer.unet import UNet
 
