@@ -71,7 +71,7 @@ def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -
         loss.backward()
         opt.step()
 
-    for _ in range(2 if kernel == "compiled" else 1):  # warm-up with every schedule stage switched on (all layers binary)
+    for _ in range(2 if kernel == "compiled" else 1):  # warm-up, every schedule stage on (all layers binary)
         step(10**6)
     times = []
     for _ in range(repeats):
