@@ -170,6 +170,51 @@ def inspect_model(fb: bytes, layer_names: list[str] | None = None) -> ModelInven
                           int8_layers=dict(int8_layers), int8_param_bytes=int8_bytes)
 
 
+def canonical_form(fb: bytes) -> bytes:
+    """The flatbuffer re-packed in a form in which two models that compute the same thing from the same
+    weights with the same operators in the same order compare equal byte for byte, whatever their layers were
+    called: tensor and subgraph names blanked, no signatures or metadata (the converter's CONVERSION_METADATA
+    holds a per-conversion id), and tensors and buffers renumbered in order of first use (the converter orders
+    constants by name)."""
+    import flatbuffers
+    import numpy as np
+    from tensorflow.lite.python import schema_py_generated as s
+
+    m = s.ModelT.InitFromObj(s.Model.GetRootAsModel(fb, 0))
+    for md in m.metadata or []:
+        m.buffers[md.buffer].data = None
+    m.signatureDefs = m.metadata = None
+    buffer_order = [0]  # buffer 0 is the schema's empty sentinel
+    for sg in m.subgraphs:
+        order: list[int] = []
+        seen: set[int] = set()
+        uses = [*sg.inputs] + [i for op in sg.operators for i in [*op.inputs, *op.outputs]] + [*sg.outputs]
+        for i in [*uses, *range(len(sg.tensors))]:
+            if i >= 0 and i not in seen:
+                seen.add(i)
+                order.append(i)
+        new = {old: k for k, old in enumerate(order)}
+        sg.tensors = [sg.tensors[i] for i in order]
+        remap = lambda ids: np.array([new[i] if i >= 0 else i for i in ids], dtype=np.int32)  # noqa: E731
+        sg.inputs, sg.outputs = remap(sg.inputs), remap(sg.outputs)
+        for op in sg.operators:
+            op.inputs, op.outputs = remap(op.inputs), remap(op.outputs)
+        sg.name = b""
+        for t in sg.tensors:
+            t.name = b""
+            buffer_order.append(t.buffer)
+    seen_b: set[int] = set()
+    order_b = [b for b in [*buffer_order, *range(len(m.buffers))] if not (b in seen_b or seen_b.add(b))]
+    new_b = {old: k for k, old in enumerate(order_b)}
+    m.buffers = [m.buffers[b] for b in order_b]
+    for sg in m.subgraphs:
+        for t in sg.tensors:
+            t.buffer = new_b[t.buffer]
+    b = flatbuffers.Builder(len(fb))
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
 def io_names(tensors: list[dict]) -> list[str]:
     """Model-level names of inputs/outputs in flatbuffer order: the signature's ('x', 'eps', 'cache_in_0'), or the
     tensor name without onnx2tf's 'serving_default_' prefix and ':0' suffix."""

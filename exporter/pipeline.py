@@ -299,23 +299,46 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     return ExportResult(path, side_path, report)
 
 
+def onnx_to_keras(onnx_path: str | Path, memoize: bool = True, log=print):
+    """onnx2tf's Keras model of ``onnx_path`` (strict mode: every ambiguous layout checked numerically).
+
+    With ``memoize`` its checks share one evaluation of the graph (exporter/onnx2tf_memo.py; the same model,
+    4-5x faster on the tiny U-Net); if that path raises, the conversion is redone without it.
+    """
+    import tempfile
+
+    import onnx2tf
+
+    from .onnx2tf_memo import memoized_validation
+
+    def run():
+        with tempfile.TemporaryDirectory() as tmp:  # onnx2tf's own saves and float16 file are skipped
+            return onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=tmp,
+                                   non_verbose=True, disable_model_save=True)
+
+    if memoize:
+        try:
+            with memoized_validation(onnx_path) as ev:
+                model = run()
+            if ev is not None:
+                log(f"[onnx2tf] {ev.checks} layout checks, {ev.layer_calls} layer evaluations (memoized)")
+            return model
+        except Exception as e:  # noqa: BLE001 - onnx2tf's own conversion below decides
+            log(f"[onnx2tf] memoized checks failed ({type(e).__name__}: {e}); converting without them ...")
+    return run()
+
+
 def export_onnx2tf(bundle_dir: str | Path, onnx_path: str | Path, out_dir: str | Path, name: str = "fp",
                    tol: float = 1e-4, log=print) -> ExportResult:
     """Float baseline: a (simplified) ONNX file -> onnx2tf -> float32 .tflite, checked against PyTorch.
 
     Refuses Flex (TF-select) ops: ``lce_benchmark_model`` and the LCE runtime link none.
     """
-    import tempfile
-
-    import onnx2tf
-
     meta, _, ref = read_bundle(bundle_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log("[onnx2tf] rebuilding the ONNX graph in Keras ...")
-    with tempfile.TemporaryDirectory() as tmp:  # onnx2tf's own saves and float16 file are skipped
-        model = onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=tmp, non_verbose=True,
-                                disable_model_save=True)
+    model = onnx_to_keras(onnx_path, log=log)
     log("[onnx2tf] converting to a float32 .tflite (TFLite builtins) ...")
     fb = convert_float(model, log)
     path = out / f"{name}.tflite"

@@ -1,6 +1,7 @@
 """Export: Keras/Larq rebuild -> LCE flatbuffer with real binary kernels, parity at every stage (real LCE)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -207,6 +208,63 @@ def test_fp_target_through_onnx2tf(tmp_path, teacher):
 
     t_in = [d for d in inspect_model(res.tflite.read_bytes()).inputs if list(d["shape"]) == [1, 1]]
     assert len(t_in) == 1 and side["inputs"][1]["shape"] == [1, 1] and side["inputs"][1]["dtype"] == "float32"
+
+
+def test_memoized_onnx2tf_checks_give_the_same_tflite(tmp_path, teacher):
+    """onnx2tf's layout checks evaluated once per layer (exporter/onnx2tf_memo.py) give the model its own
+    quadratic re-runs give: same flatbuffer once names are blanked, and far fewer layer evaluations."""
+    import onnx2tf.utils.common_functions as common
+
+    from bdmtool.exporter.convert import convert_float
+    from bdmtool.exporter.inspect_tflite import canonical_form
+    from bdmtool.exporter.pipeline import onnx_to_keras
+    from bdmtool.exporter.onnx2tf_memo import memoized_validation
+    from bdmtool.tools.export import export_checkpoint
+
+    export_checkpoint(teacher, tmp_path / "fp", target="fp", log=lambda s: None)
+    onnx_path = tmp_path / "fp" / "bundle" / "model.onnx"
+    lines = []
+    fast = convert_float(onnx_to_keras(onnx_path, log=lines.append), lambda s: None)
+    slow = convert_float(onnx_to_keras(onnx_path, memoize=False, log=lines.append), lambda s: None)
+    assert canonical_form(fast) == canonical_form(slow)
+    assert np.array_equal(_run_tflite(slow), _run_tflite(canonical_form(slow)))  # and it is a model that runs
+    assert canonical_form(fast) != canonical_form(convert_float(onnx_to_keras(
+        _perturbed_onnx(onnx_path, tmp_path / "other.onnx"), log=lambda s: None), lambda s: None))
+    checks, calls = map(int, re.search(r"(\d+) layout checks, (\d+) layer evaluations", lines[0]).groups())
+    # Each tensor is evaluated once per dummy input (~10 layers a check on the micro U-Net); without the cache a
+    # check re-runs its whole prefix (~200 a check).
+    assert checks > 100 and calls < 15 * checks
+    real = common.tf_keras
+    with memoized_validation(onnx_path) as ev:
+        assert ev is not None and common.tf_keras is not real
+    assert common.tf_keras is real  # restored
+
+
+def _run_tflite(fb):
+    """The model's output on a fixed random image at t = 500."""
+    import tensorflow as tf
+
+    it = tf.lite.Interpreter(model_content=fb)
+    it.allocate_tensors()
+    for d in it.get_input_details():
+        x = np.random.default_rng(0).standard_normal(d["shape"]).astype(np.float32)
+        it.set_tensor(d["index"], x if len(d["shape"]) == 4 else np.full(d["shape"], 500, np.float32))
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"])
+
+
+def _perturbed_onnx(onnx_path, out):
+    """The same graph with one weight moved by 1e-3: a model the comparison above must tell apart."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(onnx_path))
+    init = next(i for i in m.graph.initializer if numpy_helper.to_array(i).size > 100)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += 1e-3
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(m, str(out))
+    return out
 
 
 def test_w1a4_bit_planes(tmp_path, teacher):

@@ -149,7 +149,7 @@ def test_the_committed_replication_record_is_reports_scores_and_grids_only():
 def test_a_claim_compares_two_arms_on_the_seeds_both_have_finished():
     """BinaryDM has seeds 0 and 1, the baseline only seed 0: the ordering is judged on seed 0 alone (a mean over
     two seeds against one is not like with like), while each row still shows its own mean."""
-    from bdmtool.trainer.replication.report import summarize
+    from bdmtool.trainer.replication.report import summarize, summary_markdown
 
     def rec(key, seed, fid):
         return {"params": {"arm": {"seed": seed}}, "metrics": {"fid": fid, "sfid": 1.0, "precision": 0.0,
@@ -158,9 +158,11 @@ def test_a_claim_compares_two_arms_on_the_seeds_both_have_finished():
 
     scores = {"binarydm_w1a4": rec("b", 0, 130.0), "binarydm_w1a4_seed1": rec("b", 1, 100.0),
               "baseline_w1a4": rec("a", 0, 120.0)}
-    t = summarize(scores, ("binarydm_t1",))["tables"][0]
+    summary = summarize(scores, ("binarydm_t1",))
+    t = summary["tables"][0]
     (claim,) = t["claims"]
     assert (claim["fid_better"], claim["fid_worse"], claim["seeds"], claim["holds"]) == (130.0, 120.0, 1, False)
+    assert "| 130.00 vs 120.00 | ✘ (seed 0) |" in summary_markdown(summary)  # not read against the row's 115
     row = next(r for r in t["rows"] if r["key"] == "binarydm_w1a4")
     assert row["fid"] == 115.0 and row["seeds"] == 2
     scores["baseline_w1a4_seed1"] = rec("a", 1, 125.0)  # now both seeds: 115 vs 122.5, held on 1 of 2

@@ -70,7 +70,8 @@ def summarize(scores: dict[str, dict], tables: tuple[str, ...]) -> dict:
             fb, fw = mean(a for a, _ in pairs), mean(b for _, b in pairs)
             k = sum(a < b for a, b in pairs)
             claims.append({"claim": c.text, "better": c.better, "worse": c.worse, "fid_better": fb, "fid_worse": fw,
-                           "verdict": verdict(fb < fw, k, len(pairs)), "seeds_holding": k, "seeds": len(pairs)})
+                           "verdict": verdict(fb < fw, k, len(pairs)), "seeds_holding": k, "seeds": len(pairs),
+                           "seed_list": sorted(set(better) & set(worse))})
             claims[-1]["holds"] = claims[-1]["verdict"] == "holds"
         out.append({"key": tkey, "title": t.title, "source": t.source, "rows": rows, "claims": claims})
     seconds = sum(float(r.get("seconds") or 0.0) for r in scores.values())
@@ -82,9 +83,8 @@ def summary_markdown(summary: dict) -> str:
     lines = ["| table | claimed ordering | FID (ours) | holds |", "|---|---|---|:-:|"]
     for t in summary["tables"]:
         for c in t["claims"]:
-            seeds = f" ({c['seeds_holding']}/{c['seeds']} seeds)" if c["seeds"] > 1 else ""
             lines.append(f"| {t['title'].split(':')[0]} | {c['claim']} | {c['fid_better']:.2f} vs "
-                         f"{c['fid_worse']:.2f} | {MARK[c['verdict']]}{seeds} |")
+                         f"{c['fid_worse']:.2f} | {MARK[c['verdict']]}{_on_seeds(c)} |")
     held = sum(c["holds"] for t in summary["tables"] for c in t["claims"])
     open_ = sum(c["verdict"] == "undecided" for t in summary["tables"] for c in t["claims"])
     total = sum(len(t["claims"]) for t in summary["tables"])
@@ -92,6 +92,14 @@ def summary_markdown(summary: dict) -> str:
     lines += ["", f"{held} of {total} claimed orderings hold{undecided}; {summary['n_runs']} runs, "
                   f"{summary['run_seconds'] / 3600:.1f} h of training, sampling and scoring in all (one core each)."]
     return "\n".join(lines)
+
+
+def _on_seeds(c: dict) -> str:
+    """Which seeds a claim was judged on: an arm with one seed is compared with the other arm's same seed,
+    not with its mean over seeds (which the table's row shows)."""
+    if c["seeds"] > 1:
+        return f" ({c['seeds_holding']}/{c['seeds']} seeds)"
+    return f" (seed {c['seed_list'][0]})" if c.get("seed_list") else ""
 
 
 def _f(v, fmt=".2f") -> str:
@@ -118,9 +126,8 @@ def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, envi
                          f"{_f(r['precision'])} | {_f(r['recall'])} | {_f(r['final_loss'], '.4f')} | {r['seeds']} |")
         lines += ["", "| claimed ordering | FID (ours) | holds |", "|---|---|:-:|"]
         for c in t["claims"]:
-            seeds = f" ({c['seeds_holding']}/{c['seeds']} seeds)" if c["seeds"] > 1 else ""
             lines.append(f"| {c['claim']} | {c['fid_better']:.2f} vs {c['fid_worse']:.2f} | "
-                         f"{MARK[c['verdict']]}{seeds} |")
+                         f"{MARK[c['verdict']]}{_on_seeds(c)} |")
         lines.append("")
     return "\n".join(lines)
 
