@@ -17,7 +17,9 @@ immutable, so a cached value cannot go stale when onnx2tf rewires a tensor: the 
 with its own entry.
 
 It patches module attributes of onnx2tf 1.29.24 (the pinned version) for the duration of the ``with`` block
-only, and does nothing on another version (the conversion is then as slow as before, and as correct).
+only, and does nothing on another version (the conversion is then as slow as before, and as correct). A check
+whose evaluation raises is recorded (``failure``): onnx2tf swallows some such errors and carries on without the
+check, so ``exporter.pipeline.onnx_to_keras`` then converts again without the cache.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class _Evaluator:
         self.values: dict[int, tuple[object, object]] = {}  # id -> (KerasTensor kept alive, value)
         self.checks = 0  # validation models evaluated
         self.layer_calls = 0  # layers run to evaluate them (without the cache: every layer of every prefix)
+        self.failure: str | None = None  # the first evaluation that raised (onnx2tf may swallow it)
 
     def _select(self, model, inputs: dict) -> None:
         h = hashlib.sha1()
@@ -118,7 +121,12 @@ class _ValidationModel:
         return self.outputs[0] if len(self.outputs) == 1 else self.outputs
 
     def __call__(self, inputs, training=False):
-        out = self._evaluator.outputs(self, inputs)
+        try:
+            out = self._evaluator.outputs(self, inputs)
+        except Exception as e:
+            # onnx2tf catches some of these and carries on without the check: the caller must know.
+            self._evaluator.failure = self._evaluator.failure or f"{type(e).__name__}: {e}"
+            raise
         return out if len(out) != 1 else out[0]
 
 
@@ -159,7 +167,8 @@ def _operator_modules(onnx_path) -> list:
 def memoized_validation(onnx_path):
     """Within the block, onnx2tf's checks on ``onnx_path`` evaluate each Keras tensor once per input.
 
-    Yields the evaluator (its ``checks`` and ``layer_calls`` count the work), or None on another onnx2tf.
+    Yields the evaluator (its ``checks`` and ``layer_calls`` count the work; ``failure`` names the first check
+    whose evaluation raised, which onnx2tf may have swallowed), or None on another onnx2tf.
     """
     import onnx2tf
 

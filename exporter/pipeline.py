@@ -303,7 +303,8 @@ def onnx_to_keras(onnx_path: str | Path, memoize: bool = True, log=print):
     """onnx2tf's Keras model of ``onnx_path`` (strict mode: every ambiguous layout checked numerically).
 
     With ``memoize`` its checks share one evaluation of the graph (exporter/onnx2tf_memo.py; the same model,
-    4-5x faster on the tiny U-Net); if that path raises, the conversion is redone without it.
+    3-4x faster on the tiny U-Net); if that path raises, or any of its check evaluations did (onnx2tf swallows
+    some and carries on without the check), the conversion is redone without it.
     """
     import tempfile
 
@@ -317,14 +318,19 @@ def onnx_to_keras(onnx_path: str | Path, memoize: bool = True, log=print):
                                    non_verbose=True, disable_model_save=True)
 
     if memoize:
+        ev = None
         try:
             with memoized_validation(onnx_path) as ev:
                 model = run()
-            if ev is not None:
-                log(f"[onnx2tf] {ev.checks} layout checks, {ev.layer_calls} layer evaluations (memoized)")
-            return model
+            if ev is None or ev.failure is None:
+                if ev is not None:
+                    log(f"[onnx2tf] {ev.checks} layout checks, {ev.layer_calls} layer evaluations (memoized)")
+                return model
+            reason = f"a check's evaluation raised {ev.failure}"
         except Exception as e:  # noqa: BLE001 - onnx2tf's own conversion below decides
-            log(f"[onnx2tf] memoized checks failed ({type(e).__name__}: {e}); converting without them ...")
+            reason = (f"a check's evaluation raised {ev.failure}" if ev is not None and ev.failure
+                      else f"{type(e).__name__}: {e}")
+        log(f"[onnx2tf] memoized checks failed ({reason}); converting without them ...")
     return run()
 
 

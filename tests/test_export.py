@@ -240,6 +240,25 @@ def test_memoized_onnx2tf_checks_give_the_same_tflite(tmp_path, teacher):
     assert common.tf_keras is real  # restored
 
 
+def test_a_failing_memoized_check_falls_back_to_onnx2tfs_own(tmp_path, teacher, monkeypatch):
+    """onnx2tf swallows some exceptions of a check and carries on without it: one raised by the memoized
+    evaluation must not be swallowed silently, the conversion is redone without the cache."""
+    from bdmtool.exporter import onnx2tf_memo
+    from bdmtool.exporter.pipeline import onnx_to_keras
+    from bdmtool.tools.export import export_checkpoint
+
+    export_checkpoint(teacher, tmp_path / "fp", target="fp", log=lambda s: None)
+
+    def broken(self, target):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(onnx2tf_memo._Evaluator, "_value", broken)
+    lines = []
+    assert onnx_to_keras(tmp_path / "fp" / "bundle" / "model.onnx", log=lines.append) is not None
+    assert lines == ["[onnx2tf] memoized checks failed (a check's evaluation raised RuntimeError: boom); "
+                     "converting without them ..."]
+
+
 def _run_tflite(fb):
     """The model's output on a fixed random image at t = 500."""
     import tensorflow as tf
