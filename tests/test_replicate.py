@@ -196,3 +196,34 @@ def test_a_claim_needs_the_mean_and_most_seeds():
     assert claim["verdict"] == "undecided" and not claim["holds"]
     md = summary_markdown(summary)
     assert "≈ (1/3 seeds)" in md and "0 of 1 claimed orderings hold, 1 undecided" in md
+
+
+def test_an_arm_another_process_holds_is_skipped_and_a_dead_holders_lock_is_free(tmp_path):
+    """Two workers (or two terminals) on one --out: an arm another process is training is skipped with one line
+    naming that process, not trained twice into one folder; the lock dies with its holder (kill -9 included)."""
+    import sys
+
+    from bdmtool.trainer.replication import ReplicationBudget, run_replication
+    from bdmtool.trainer.replication.run import _arm_lock
+
+    folder = tmp_path / "runs" / "xnor_w1a1"
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(folder / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lines = []
+        teacher = os.path.join(bdmtool.ASSETS, "tiny_mnist_fp.ckpt")
+        scores = run_replication(tmp_path, ("bidm_t1",), ReplicationBudget(steps=1, n_samples=2, seeds=1), teacher,
+                                 only=("xnor_w1a1",), log=lines.append)
+        assert scores == {} and not (folder / "model.ckpt").exists()  # nothing trained
+        assert f"xnor_w1a1: skipped, {folder} is being trained or scored by another process (pid {holder.pid})" \
+            in lines[-1]
+    finally:
+        holder.kill()
+        holder.wait()
+    with _arm_lock(folder):  # the killed holder's lock went with it
+        assert (folder / ".lock").read_text() == str(os.getpid())

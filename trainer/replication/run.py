@@ -8,6 +8,7 @@ reference); a later call with the same parameters reuses it, a different budget 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -105,8 +106,46 @@ def _finished(arm: Arm, b: ReplicationBudget, teacher: str, out: str | os.PathLi
         else None
 
 
+class ArmBusy(RuntimeError):
+    """Another process is training or scoring this arm (two workers, two terminals)."""
+
+
+@contextlib.contextmanager
+def _arm_lock(folder: Path):
+    """An exclusive lock on ``folder/.lock`` for as long as this process trains and scores the arm; raises
+    ``ArmBusy`` at once if another process holds it. The OS drops it when the holder dies (kill -9 included),
+    so a stale lock cannot block a re-run."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ArmBusy(f"{folder} is being trained or scored by another process (pid {holder})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_arm(arm: Arm, b: ReplicationBudget, teacher: str, out: str, threads: int, progress: bool = False) -> dict:
-    """Train (or reuse) one arm and score it (or reuse its score); returns the score record."""
+    """Train (or reuse) one arm and score it (or reuse its score); returns the score record. Raises ``ArmBusy``
+    when another process holds the arm (its result is picked up by the report once that process finishes)."""
+    done = _finished(arm, b, teacher, out)
+    if done is not None:
+        return done
+    with _arm_lock(Path(out) / "runs" / arm.key):
+        return _train_and_score(arm, b, teacher, out, threads, progress)
+
+
+def _train_and_score(arm: Arm, b: ReplicationBudget, teacher: str, out: str, threads: int, progress: bool) -> dict:
     import torch
 
     from bdmtool.tools.evaluate import cache_dir
@@ -201,18 +240,28 @@ def run_replication(out: str | os.PathLike, tables: tuple[str, ...], budget: Rep
     scores: dict[str, dict] = {}
     log(f"[replicate] {len(arms)} runs ({', '.join(tables)}), {budget.steps} steps x batch {budget.batch_size}, "
         f"N = {budget.n_samples}, {jobs} at a time on {threads} thread(s) each")
+    def done(i: int, key: str, result) -> None:
+        if isinstance(result, ArmBusy):
+            log(f"[replicate] {i}/{len(arms)} {key}: skipped, {result}; its row appears once it finishes")
+            return
+        scores[key] = result
+        log(f"[replicate] {i}/{len(arms)} {key}: FID {result['metrics']['fid']:.2f} "
+            f"({'reused' if result.get('reused') else str(result['seconds']) + ' s'})")
+
     if jobs == 1:
         for i, arm in enumerate(arms, 1):
             log(f"[replicate] {i}/{len(arms)} {arm.key} ...")
-            scores[arm.key] = run_arm(arm, budget, teacher, str(out), threads, progress=True)
-            log(f"[replicate] {arm.key}: FID {scores[arm.key]['metrics']['fid']:.2f} "
-                f"({'reused' if scores[arm.key].get('reused') else str(scores[arm.key]['seconds']) + ' s'})")
+            try:
+                done(i, arm.key, run_arm(arm, budget, teacher, str(out), threads, progress=True))
+            except ArmBusy as e:
+                done(i, arm.key, e)
         return scores
     # spawn, not fork: a forked child would inherit torch's OpenMP pool from the parent
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {arm.key: pool.submit(run_arm, arm, budget, teacher, str(out), threads) for arm in arms}
         for i, (key, fut) in enumerate(futures.items(), 1):
-            scores[key] = fut.result()
-            log(f"[replicate] {i}/{len(arms)} {key}: FID {scores[key]['metrics']['fid']:.2f} "
-                f"({'reused' if scores[key].get('reused') else str(scores[key]['seconds']) + ' s'})")
+            try:
+                done(i, key, fut.result())
+            except ArmBusy as e:
+                done(i, key, e)
     return scores
