@@ -317,20 +317,21 @@ def onnx_to_keras(onnx_path: str | Path, memoize: bool = True, log=print):
             return onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=tmp,
                                    non_verbose=True, disable_model_save=True)
 
-    if memoize:
-        ev = None
-        try:
-            with memoized_validation(onnx_path) as ev:
-                model = run()
-            if ev is None or ev.failure is None:
-                if ev is not None:
-                    log(f"[onnx2tf] {ev.checks} layout checks, {ev.layer_calls} layer evaluations (memoized)")
-                return model
-            reason = f"a check's evaluation raised {ev.failure}"
-        except Exception as e:  # noqa: BLE001 - onnx2tf's own conversion below decides
-            reason = (f"a check's evaluation raised {ev.failure}" if ev is not None and ev.failure
-                      else f"{type(e).__name__}: {e}")
-        log(f"[onnx2tf] memoized checks failed ({reason}); converting without them ...")
+    if not memoize:
+        return run()
+    ev, error = None, None
+    try:
+        with memoized_validation(onnx_path) as ev:
+            model = run()
+    except Exception as e:  # noqa: BLE001 - onnx2tf's own conversion below decides
+        error = f"{type(e).__name__}: {e}"
+    if ev is not None and ev.failure:  # the root cause, also when onnx2tf swallowed it and failed later
+        error = f"a check's evaluation raised {ev.failure}"
+    if error is None:
+        if ev is not None:
+            log(f"[onnx2tf] {ev.checks} layout checks, {ev.layer_calls} layer evaluations (memoized)")
+        return model
+    log(f"[onnx2tf] memoized checks failed ({error}); converting without them ...")
     return run()
 
 

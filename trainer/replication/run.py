@@ -240,7 +240,8 @@ def run_replication(out: str | os.PathLike, tables: tuple[str, ...], budget: Rep
     scores: dict[str, dict] = {}
     log(f"[replicate] {len(arms)} runs ({', '.join(tables)}), {budget.steps} steps x batch {budget.batch_size}, "
         f"N = {budget.n_samples}, {jobs} at a time on {threads} thread(s) each")
-    def done(i: int, key: str, result) -> None:
+
+    def record(i: int, key: str, result: dict | ArmBusy) -> None:
         if isinstance(result, ArmBusy):
             log(f"[replicate] {i}/{len(arms)} {key}: skipped, {result}; its row appears once it finishes")
             return
@@ -252,16 +253,16 @@ def run_replication(out: str | os.PathLike, tables: tuple[str, ...], budget: Rep
         for i, arm in enumerate(arms, 1):
             log(f"[replicate] {i}/{len(arms)} {arm.key} ...")
             try:
-                done(i, arm.key, run_arm(arm, budget, teacher, str(out), threads, progress=True))
+                record(i, arm.key, run_arm(arm, budget, teacher, str(out), threads, progress=True))
             except ArmBusy as e:
-                done(i, arm.key, e)
+                record(i, arm.key, e)
         return scores
     # spawn, not fork: a forked child would inherit torch's OpenMP pool from the parent
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {arm.key: pool.submit(run_arm, arm, budget, teacher, str(out), threads) for arm in arms}
         for i, (key, fut) in enumerate(futures.items(), 1):
             try:
-                done(i, key, fut.result())
+                record(i, key, fut.result())
             except ArmBusy as e:
-                done(i, key, e)
+                record(i, key, e)
     return scores
