@@ -39,12 +39,12 @@ def _const_op(fn, name: str):
 A8_KERNELS = ("int8", "bitplanes")  # kernels of multi-bit (W1A4, W1A8) layers
 
 
-def multibit_kernel(abits: int, a8: str = "int8", a4: str = "bitplanes") -> str | None:
+def multibit_kernel(abits: int, a8: str = "bitplanes", a4: str = "bitplanes") -> str | None:
     """The kernel a layer with ``abits`` activation bits is exported with (None: not a multi-bit layer)."""
     return {8: a8, 4: a4}.get(abits)
 
 
-def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "int8", a4: str = "bitplanes",
+def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "bitplanes", a4: str = "bitplanes",
                 int8_ranges: dict | None = None, probes: dict | None = None):
     """Build the binary layer described by the bundle record ``rec`` on input ``x`` (NHWC).
 
@@ -142,7 +142,7 @@ def _float_binary_weight_conv(builder: UNetBuilder, rec: dict, x):
     return y
 
 
-def padding_refusal(binarize: dict | None, a8: str = "int8", a4: str = "bitplanes") -> str | None:
+def padding_refusal(binarize: dict | None, a8: str = "bitplanes", a4: str = "bitplanes") -> str | None:
     """Why a checkpoint's multi-bit padding cannot be exported on the requested kernel path (None: it can).
 
     Zero padding (``binarize.act_pad=zero``) is exact on the int8 path (zero point 0); bit planes are

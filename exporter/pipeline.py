@@ -39,6 +39,14 @@ A8_TOL = 0.1
 # The int8 W1A8 path re-quantizes every binary conv's output to 256 levels over its calibrated range (TFLite's
 # int8 CONV_2D writes int8): an approximation of the trained model, gated at this bound on every input.
 INT8_TOL = 0.25
+# What each multi-bit kernel computes, in the export log and the sidecar (docs/methods.md: W1A8 as int8, bit planes).
+KERNEL_FIDELITY = {
+    "bitplanes": "exact: the +-1 bit planes compute the trained layers (float rounding only; the samples match "
+                 "PyTorch's). LCE's bconv is fast ARM code; on x86 it is portable C++ and slow",
+    "int8": "approximate: every layer's int8 output is re-quantized to 256 levels over calibrated ranges, which "
+            "moves some strokes (FID +4.0 % on the shipped W1A8 student at N = 1,000); check yours with "
+            "`bdmtool eval`. Builtin TFLite ops only, fast everywhere; bit planes are the exact path",
+}
 
 
 # An uncertified input may differ by up to this many times its flip envelope: how far PyTorch itself moves when
@@ -173,7 +181,7 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
 
 
 def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float | None = None,
-               target: str = "lce", a8: str = "int8", a4: str = "bitplanes", log=print,
+               target: str = "lce", a8: str = "bitplanes", a4: str = "bitplanes", log=print,
                per_layer: bool = False, int8_out: str = "channel") -> ExportResult:
     """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files.
 
@@ -203,6 +211,8 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
         if kernel:
             log(f"[lce] W1A{abits} ({kernel}): parity tolerance {tol} (see "
                 f"{'INT8_TOL' if int8 else 'A8_TOL' if abits == 8 else 'the default'} in exporter/pipeline.py)")
+    if kernel:
+        log(f"[lce] W1A{abits} on {kernel}: {KERNEL_FIDELITY[kernel]}")
     name = name or (f"{b['method']}_w1a{b['abits']}" + ("_int8" if int8 else "") if b else "fp")
     if target == "keras-fp" and meta["binary_layers"]:
         meta = {**meta, "binary_layers": []}  # the same Keras rebuild, every layer float (cross-check)
@@ -286,6 +296,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
                    model_sha256=file_sha256(path))
     if kernel:
         side["bits"][f"a{abits}_kernel"] = kernel
+        side["bits"]["fidelity"] = KERNEL_FIDELITY[kernel]
     if "cached_step_tflite_vs_pytorch" in report["stages"]:
         log(f"[lce] cached second step vs PyTorch: max |d eps| = {report['stages']['cached_step_tflite_vs_pytorch']:.2e}")
     if per_layer and target == "lce" and expected:

@@ -44,6 +44,6 @@ if [ "$STAGE" = students ] || [ "$STAGE" = all ]; then
   done
   if [ -n "${ONLY:-}" ]; then exit 0; fi
   $B diagnose $A/tiny_mnist_binarydm_w1a8.ckpt $A/tiny_mnist_binarydm_w1a4.ckpt $A/tiny_mnist_bidm_w1a1.ckpt \
-     $A/tiny_mnist_xnor_w1a1.ckpt --teacher $A/tiny_mnist_fp.ckpt --out runs/eval/diagnose_students
+     $A/tiny_mnist_xnor_w1a1.ckpt --teacher $A/tiny_mnist_fp.ckpt --n 2048 --out runs/eval/diagnose_students
   cp runs/eval/diagnose_students/diagnose.png $A/students_diagnose.png
 fi

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import MICRO_UNET, bdmtool_cmd
-from bdmtool.trainer.diagnostics.passthrough import dc_stats, high_t_slope, passthrough_report
+from bdmtool.trainer.diagnostics.passthrough import dc_gap, dc_stats, high_t_slope, passthrough_report
 from bdmtool.trainer.diffusion import Diffusion
 from bdmtool.trainer.spec import DiffusionConfig, build_train_spec
 from bdmtool.trainer.train import train
@@ -30,6 +30,29 @@ def test_dc_stats_equal_hand_computation():
     assert zero["dc_slope"] == 0.0 and math.isclose(zero["dc_rms"], float((d**2).mean().sqrt()), rel_tol=1e-9)
 
 
+def test_slope_error_and_paired_gap_equal_hand_computation():
+    """The slope's standard error is OLS's (numpy's polyfit covariance); the gap to a reference is the slope of
+    the difference of the two predicted means, with its own (paired) error, smaller than the unpaired one."""
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn(200, 1, 4, 4, generator=g)
+    shared = 0.05 * torch.randn(200, 1, 1, 1, generator=g)  # an error both models make on the same image
+    teacher = 0.85 * eps + shared + 0.01 * torch.randn(eps.shape, generator=g)
+    student = 0.65 * eps + shared + 0.01 * torch.randn(eps.shape, generator=g)
+    d, dt, ds = (v.double().mean(dim=(2, 3)).flatten().numpy() for v in (eps, teacher, student))
+    coef, cov = np.polyfit(d, ds, 1, cov="unscaled")
+    resid = ds - np.polyval(coef, d)
+    se = math.sqrt(float(cov[0, 0]) * float((resid ** 2).sum()) / (len(d) - 2))
+    st = dc_stats(student, eps)
+    assert math.isclose(st["dc_slope"], coef[0], rel_tol=1e-9) and math.isclose(st["dc_slope_se"], se, rel_tol=1e-9)
+    gap = dc_gap(teacher, student, eps)
+    gcoef, gcov = np.polyfit(d, dt - ds, 1, cov="unscaled")
+    gres = dt - ds - np.polyval(gcoef, d)
+    assert math.isclose(gap["dc_gap"], dc_stats(teacher, eps)["dc_slope"] - st["dc_slope"], rel_tol=1e-9)
+    assert math.isclose(gap["dc_gap_se"], math.sqrt(float(gcov[0, 0]) * float((gres ** 2).sum()) / (len(d) - 2)),
+                        rel_tol=1e-9)
+    assert 0.15 < gap["dc_gap"] < 0.25 and gap["dc_gap_se"] < 0.5 * math.hypot(se, dc_stats(teacher, eps)["dc_slope_se"])
+
+
 def test_report_of_a_zero_predictor():
     """A model that predicts eps = 0: slope 0, MSE ~ 1, and the x0 DC error is dc_rms * sqrt((1-abar)/abar)."""
 
@@ -39,8 +62,18 @@ def test_report_of_a_zero_predictor():
 
     diff = Diffusion(DiffusionConfig())
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
-    rep = passthrough_report({"zero": Zero()}, diff, images, timesteps=(50, 900), n=32)
-    assert rep["n"] == 32 and rep["timesteps"] == [50, 900]
+    class Half(torch.nn.Module):  # passes half of whatever x_t holds
+        def forward(self, x, t):
+            return 0.5 * x
+
+    rep = passthrough_report({"zero": Zero(), "half": Half()}, diff, images, timesteps=(50, 900), n=32,
+                             reference="half")
+    assert rep["n"] == 32 and rep["timesteps"] == [50, 900] and list(rep["models"]) == ["zero", "half"]
+    for rz, rh in zip(rep["models"]["zero"], rep["models"]["half"]):  # zero's gap to half is half's slope
+        assert "dc_gap" not in rh and math.isclose(rz["dc_gap"], rh["dc_slope"], rel_tol=1e-9)
+        assert math.isclose(rz["dc_gap_se"], rh["dc_slope_se"], rel_tol=1e-9)
+    with pytest.raises(ValueError, match="reference"):
+        passthrough_report({"zero": Zero()}, diff, images, timesteps=(50,), n=4, reference="teacher")
     for r in rep["models"]["zero"]:
         abar = float(diff.alphas_cumprod[r["t"]])
         assert r["dc_slope"] == 0.0 and 0.8 < r["mse"] < 1.2
@@ -62,6 +95,9 @@ def test_diagnose_command_on_a_teacher_and_two_students(tmp_path):
     assert len(rep["models"]) == 3 and next(iter(rep["models"])).startswith("teacher")  # the students' teacher
     assert all(len(rows) == 3 for rows in rep["models"].values())
     assert (tmp_path / "d" / "diagnose.png").stat().st_size > 10_000 and "DC slope" in r.stdout
+    assert rep["reference"].startswith("teacher") and all("dc_gap_se" in row for row in rep["models"][arm_name(rep)])
+    assert "largest gap to the teacher at t=600" in r.stdout or "largest gap to the teacher at t=950" in r.stdout
+    assert "DC gap ± se" in (tmp_path / "d" / "diagnose.md").read_text()
     bad = subprocess.run([*bdmtool_cmd(), "diagnose", ckpts[0], "--timesteps", "5000", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "--timesteps must lie in" in bad.stderr
@@ -84,3 +120,7 @@ def test_recorded_teacher_is_found_from_another_folder(tmp_path, monkeypatch):
     assert recorded_teacher(copy / "s.ckpt", "/gone/fp.ckpt") == str(copy / "fp.ckpt")  # next to the student
     with pytest.raises(ValueError, match="--teacher"):
         recorded_teacher(tmp_path / "elsewhere" / "s.ckpt", "bdmtool/assets/fp.ckpt")
+
+
+def arm_name(rep: dict) -> str:
+    return next(k for k in rep["models"] if k != rep["reference"])

@@ -329,21 +329,34 @@ def test_w1a4_int8_with_zero_padding(tmp_path, teacher):
     assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4, "a4_kernel": "int8"}
 
 
-def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
-    """W1A8: by default one int8 CONV_2D per binary layer (LSQ grid = int8 grid, +-a weights = int8), gated at
-    INT8_TOL; ``a8="bitplanes"`` gives one LceBconv2d per layer (8 planes on the batch axis), gated at A8_TOL (~1e-6 float differences flip
-    some of the 255 levels). A failed gate is a one-line CLI error, not a traceback."""
+def test_w1a8_bit_planes_by_default_and_int8_on_request(tmp_path, teacher):
+    """W1A8: by default one LceBconv2d per binary layer (8 bit planes on the batch axis, the exact path), gated at
+    A8_TOL (~1e-6 float differences flip some of the 255 levels); ``a8="int8"`` gives one int8 CONV_2D per layer
+    (LSQ grid = int8 grid, +-a weights = int8), gated at INT8_TOL. The sidecar says which and how faithful. A
+    failed gate is a one-line CLI error, not a traceback."""
     import subprocess
 
     from conftest import bdmtool_cmd
     from bdmtool.exporter.inspect_tflite import inspect_model
-    from bdmtool.exporter.pipeline import A8_TOL, INT8_TOL
+    from bdmtool.exporter.pipeline import A8_TOL, INT8_TOL, KERNEL_FIDELITY
     from bdmtool.tools.export import export_checkpoint
 
     spec = build_train_spec(method="binarydm", abits=8, teacher=teacher, steps=6,
                             overrides=[*COMMON, "binarize.ebb_stage2_step=2"])  # progressive done at 5
     ckpt = train(spec, tmp_path / "bdm8", progress=False)
-    res = export_checkpoint(ckpt, tmp_path / "i8", log=lambda s: None)
+    logged: list[str] = []
+    bp = export_checkpoint(ckpt, tmp_path / "bp", log=logged.append)
+    assert bp.tflite.name == "binarydm_w1a8.tflite" and bp.report["a8_kernel"] == "bitplanes"
+    assert bp.report["bconv_ops"] == bp.report["binary_layers"] and bp.report["int8_conv_ops"] == 0
+    assert bp.report["stages"]["tflite_vs_pytorch"] <= A8_TOL
+    # no input certifies at 8 bits: each is held to its flip envelope, recorded per input
+    assert len(bp.report["reference"]["flip_envelope"]) == len(bp.report["reference"]["timesteps"])
+    side = json.loads(bp.sidecar.read_text())
+    assert side["bits"] == {"weights": 1, "activations": 8, "a8_kernel": "bitplanes",
+                            "fidelity": KERNEL_FIDELITY["bitplanes"]} and side["bits"]["fidelity"].startswith("exact")
+    assert any("W1A8 on bitplanes: exact" in ln for ln in logged)
+
+    res = export_checkpoint(ckpt, tmp_path / "i8", a8="int8", log=lambda s: None)
     rep = res.report
     names = [r["name"] for r in json.loads((tmp_path / "i8" / "bundle" / "spec.json").read_text())["binary_layers"]]
     assert res.tflite.name == "binarydm_w1a8_int8.tflite" and rep["a8_kernel"] == "int8"
@@ -360,28 +373,25 @@ def test_w1a8_int8_by_default_and_bit_planes_on_request(tmp_path, teacher):
     for stage in ("keras_vs_pytorch", "tflite_vs_keras", "tflite_vs_pytorch"):
         assert 0 < rep["stages"][stage] <= INT8_TOL, (stage, rep["stages"])
     side = json.loads(res.sidecar.read_text())
-    assert side["bits"] == {"weights": 1, "activations": 8, "a8_kernel": "int8"}
+    assert side["bits"] == {"weights": 1, "activations": 8, "a8_kernel": "int8", "fidelity": KERNEL_FIDELITY["int8"]}
+    assert side["bits"]["fidelity"].startswith("approximate")
     assert side["runtime"] == "builtin TFLite ops only"
 
     assert side["sampler"]["clip_x0"] is True and "clip(" in side["sampler"]["update"]
 
     assert json.loads((tmp_path / "i8" / "bundle" / "spec.json").read_text())["binary_layers"][0]["act_pad"] == "top"
 
-    # a zero-padded W1A8 checkpoint (binarize.act_pad=zero, for int8) on bit planes: refused at once, one line
+    # a zero-padded W1A8 checkpoint (binarize.act_pad=zero, for int8) on the default bit planes: refused at once,
+    # one line naming both fixes
     zero = build_train_spec(method="binarydm", abits=8, teacher=teacher, steps=1,
                             overrides=[*COMMON, "binarize.act_pad=zero"])
     zckpt = train(zero, tmp_path / "bdm8zero", progress=False)
-    r = subprocess.run([*bdmtool_cmd(), "export", str(zckpt), "--out", str(tmp_path / "no"), "--a8", "bitplanes"],
+    r = subprocess.run([*bdmtool_cmd(), "export", str(zckpt), "--out", str(tmp_path / "no")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "binarize.act_pad=top" in r.stderr
+    assert "--a8 int8" in r.stderr
     errors = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[bdmtool]")]  # not the thread note
     assert len(errors) == 1 and not (tmp_path / "no" / "bundle").exists()
-
-    bp = export_checkpoint(ckpt, tmp_path / "bp", a8="bitplanes", log=lambda s: None)
-    assert bp.report["bconv_ops"] == bp.report["binary_layers"] and bp.report["int8_conv_ops"] == 0
-    assert bp.report["stages"]["tflite_vs_pytorch"] <= A8_TOL
-    # no input certifies at 8 bits: each is held to its flip envelope, recorded per input
-    assert len(bp.report["reference"]["flip_envelope"]) == len(bp.report["reference"]["timesteps"])
 
 
 def test_serving_function_conversion_is_lce_convert_keras_model_byte_for_byte():

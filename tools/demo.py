@@ -122,7 +122,7 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
     """Run every stage into ``out`` and write ``out/index.html`` + ``out/report.md``."""
     from bdmtool.android_bench.bench import run_bench
     from bdmtool.android_bench.options import BenchOptions
-    from bdmtool.tools.export import INT8_OUT_DEFAULT, export_checkpoint, export_convs
+    from bdmtool.tools.export import INT8_OUT_DEFAULT, MULTIBIT_DEFAULT, export_checkpoint, export_convs
     from bdmtool.tools.sample_tflite import sample_tflite
     from bdmtool.trainer import fid
     from bdmtool.trainer.data import load_images, load_npz
@@ -239,8 +239,9 @@ def run_demo(out: str | Path = "report", budget: DemoBudget = DemoBudget(), devi
 
     exports = [Stage("export_fp", {"budget": asdict(b)}, export_stage(str(EMBEDDED_FP), "fp", "fp"))]
     for n, ckpt in students.items():
-        exports.append(Stage(f"export_{n}", {"budget": asdict(b), "sha256": sha[n],
-                                             "int8_out": INT8_OUT_DEFAULT},  # a new default re-exports
+        kernel = MULTIBIT_DEFAULT.get(f"a{result.summaries[f'student_{n}']['abits']}")  # W1A8 / W1A4 layers
+        exports.append(Stage(f"export_{n}", {"budget": asdict(b), "sha256": sha[n], "int8_out": INT8_OUT_DEFAULT,
+                                             **({"kernel": kernel} if kernel else {})},  # a new default re-exports
                              export_stage(str(ckpt), "lce", n, may_refuse=True)))
     for st in exports:
         result.summaries[st.name] = _run_stage(st, out, log)

@@ -28,7 +28,7 @@ def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: i
         teacher = recorded_teacher(*recorded) if recorded else None
     if teacher in loaded:
         raise ValueError(f"--teacher {teacher} is also one of the checkpoints to diagnose; pass the FP teacher")
-    models = {}
+    models, reference = {}, None
     if teacher and teacher not in loaded:
         tmodel, tspec, _ = load_model(teacher)
         if tspec.binarize is not None:
@@ -36,7 +36,8 @@ def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: i
                              "is the full-precision model the students were trained from")
         if tspec.unet != first_spec.unet:
             raise ValueError(f"--teacher {teacher} has a different U-Net than {ckpts[0]}")
-        models[f"teacher ({Path(teacher).name})"] = tmodel
+        reference = f"teacher ({Path(teacher).name})"
+        models[reference] = tmodel
     for c, (model, spec) in loaded.items():
         if spec.unet != first_spec.unet or spec.diffusion != first_spec.diffusion:
             raise ValueError(f"{c} and {ckpts[0]} have different U-Nets or schedules; diagnose them separately")
@@ -47,7 +48,7 @@ def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: i
     if any(not 0 <= t < first_spec.diffusion.timesteps for t in ts):
         raise ValueError(f"--timesteps must lie in [0, {first_spec.diffusion.timesteps - 1}]")
     log(f"[diagnose] {len(models)} models x {len(ts)} timesteps x {min(n, len(images))} images ...")
-    rep = passthrough_report(models, Diffusion(first_spec.diffusion), images, ts, n=n, seed=seed)
+    rep = passthrough_report(models, Diffusion(first_spec.diffusion), images, ts, n=n, seed=seed, reference=reference)
     rep["high_t_slope"] = {k: high_t_slope(v) for k, v in rep["models"].items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,11 @@ def diagnose(ckpts: list[str], out: str | Path, teacher: str | None = None, n: i
         if v is None:
             log(f"[diagnose] {k}: no probed t >= 500 (see the table for each t)")
         else:
-            log(f"[diagnose] {k}: DC slope at t>=500 {v:.2f}, eps-MSE at t>=500 {sum(mse_hi) / len(mse_hi):.4f}")
+            worst = max((r for r in rep["models"][k] if r["t"] >= 500 and "dc_gap" in r), default=None,
+                        key=lambda r: r["dc_gap"])
+            gap = (f"; largest gap to the teacher at t={worst['t']}: {worst['dc_gap']:.2f} ± {worst['dc_gap_se']:.3f}"
+                   if worst else "")
+            log(f"[diagnose] {k}: DC slope at t>=500 {v:.2f}, eps-MSE at t>=500 {sum(mse_hi) / len(mse_hi):.4f}{gap}")
     log(f"[diagnose] wrote {out / 'diagnose.json'}, {out / 'diagnose.md'} and {png}")
     return rep
 

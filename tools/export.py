@@ -10,13 +10,15 @@ from pathlib import Path
 _SAFE_NAME = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,100}")  # no separators, no '..' escape, no hidden files
 
 INT8_OUT_DEFAULT = "channel"  # int8 layers: one output range per channel (docs/methods.md, equalized int8 outputs)
+# The kernel of W1A8 / W1A4 layers when no flag chooses one: the exact bit planes (README, W1A8 / W1A4 sections).
+MULTIBIT_DEFAULT = {"a8": "bitplanes", "a4": "bitplanes"}
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
                       tol: float | None = None, a8: str | None = None, a4: str | None = None,
                       log: Callable[[str], None] = print, allow_float_layers: bool = False, per_layer: bool = False,
                       int8_out: str | None = None):
-    """``a8`` / ``a4``: the kernel of W1A8 / W1A4 layers (None = int8 / bit planes); given for a checkpoint
+    """``a8`` / ``a4``: the kernel of W1A8 / W1A4 layers (None = bit planes, the exact path); given for a checkpoint
     without such layers, or for a float target, they are refused rather than ignored. ``int8_out``: the int8
     layers' output range per ``channel`` (equalized; None = that) or per ``tensor``, refused without int8 layers."""
     from bdmtool.trainer.bundle import write_bundle
@@ -27,7 +29,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", na
         raise ValueError(f"{given[0]} chooses the kernel of binary layers; --target {target} has none: drop it")
     if int8_out not in (None, "channel", "tensor"):
         raise ValueError(f"--int8-out must be channel or tensor, not {int8_out!r}")
-    a8, a4 = a8 or "int8", a4 or "bitplanes"
+    a8, a4 = a8 or MULTIBIT_DEFAULT["a8"], a4 or MULTIBIT_DEFAULT["a4"]
     if target == "convs":
         return export_convs(ckpt, out, log=log)
     if target == "fp":
@@ -64,7 +66,7 @@ def timed(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda msg: log(f"{time.perf_counter() - t0:6.1f} s  {msg}")
 
 
-def preflight(ckpt: str | Path, a8: str = "int8", a4: str = "bitplanes", allow_float_layers: bool = False,
+def preflight(ckpt: str | Path, a8: str = "bitplanes", a4: str = "bitplanes", allow_float_layers: bool = False,
               log: Callable[[str], None] = print, given: tuple[str, ...] = ()) -> None:
     """Everything decidable from the checkpoint alone, checked before the bundle: an FP checkpoint, a kernel flag
     (``given``: "--a8" / "--a4") for activations the checkpoint does not have, activation codes with no LCE
