@@ -7,7 +7,8 @@ Each row times the full step the trainer runs (schedule, TBS cache pass, student
 and distillation terms, backward, AdamW) with median over ``--repeats`` after one warm-up step, inside the
 same autocast context as ``bdmtool train`` (``train.precision``), and for ``+compiled`` modes with the
 quantizers' compiled kernels (``train.kernels=compiled``; the first steps compile them, outside the timing),
-for ``+channels_last`` modes with student, teacher and batch in NHWC (``train.memory_format=channels_last``).
+for ``+channels_last`` modes with student, teacher and batch in NHWC (``train.memory_format=channels_last``),
+for ``+teacher_bf16`` modes with the teacher's forward in bf16 autocast (``distill.teacher_precision=bf16``).
 Columns: the step, QAT / FP at the same precision and layout (the FP step has no quantizers, so its kernels
 do not matter), QAT / FP against the eager-fp32 FP step (the issue-14 yardstick), and the speed-up over eager fp32 for
 the same method, all from one run.
@@ -51,17 +52,21 @@ def training_setup(spec: TrainSpec, batch: int, layout: str = "contiguous"):
     return model, teacher, objective, opt, (x0, t, noise)
 
 
-def _parse_mode(mode: str) -> tuple[str, str, str]:
-    """``PRECISION[+compiled][+channels_last]`` as (precision, kernels, layout); exits naming a bad mode."""
+def _parse_mode(mode: str) -> tuple[str, str, str, str]:
+    """``PRECISION[+compiled][+channels_last][+teacher_bf16]`` as (precision, kernels, layout, teacher precision);
+    exits naming a bad mode."""
     precision, *flags = mode.split("+")
-    if precision not in ("fp32", "bf16") or set(flags) - {"compiled", "channels_last"}:
-        raise SystemExit(f"mode {mode!r}: PRECISION[+compiled][+channels_last], PRECISION fp32 or bf16")
+    if precision not in ("fp32", "bf16") or set(flags) - {"compiled", "channels_last", "teacher_bf16"}:
+        raise SystemExit(f"mode {mode!r}: PRECISION[+compiled][+channels_last][+teacher_bf16], PRECISION fp32 or "
+                         "bf16")
     return (precision, "compiled" if "compiled" in flags else "eager",
-            "channels_last" if "channels_last" in flags else "contiguous")
+            "channels_last" if "channels_last" in flags else "contiguous",
+            "bf16" if "teacher_bf16" in flags else "step")
 
 
 def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -> float:
-    precision, kernel, layout = _parse_mode(mode)
+    precision, kernel, layout, teacher_precision = _parse_mode(mode)
+    spec = spec.replace(distill=spec.distill.replace(teacher_precision=teacher_precision))
     model, _, objective, opt, (x0, t, noise) = training_setup(spec, batch, layout)
 
     def step(i: int) -> None:
@@ -82,9 +87,9 @@ def _time_steps(spec: TrainSpec, batch: int, repeats: int, mode: str = "fp32") -
 
 
 def _fp_mode(mode: str) -> str:
-    """The FP step a QAT mode is compared with: the same precision and layout (an FP step has no quantizers,
-    so the kernels do not apply to it)."""
-    return "+".join(f for f in mode.split("+") if f != "compiled")
+    """The FP step a QAT mode is compared with: the same precision and layout (an FP step has no quantizers
+    and no teacher, so the kernels and the teacher's precision do not apply to it)."""
+    return "+".join(f for f in mode.split("+") if f not in ("compiled", "teacher_bf16"))
 
 
 def main() -> None:

@@ -132,6 +132,42 @@ def test_channels_last_student_resumes_exactly_and_follows_contiguous(tmp_path, 
     with pytest.raises(ValueError, match="train.memory_format"):
         build_train_spec("tiny", "digits", 1, ["train.memory_format=nhwc"])
 
+@pytest.mark.parametrize("method", ["binarydm", "bidm"])
+def test_bf16_teacher_resumes_exactly_and_its_targets_follow_fp32(tmp_path, micro_overrides, method):
+    """distill.teacher_precision=bf16 (an fp32 student, the teacher's forward in bf16 autocast): a run cut at
+    step 3 and resumed repeats the uninterrupted run bit for bit; the teacher's eps and LRM / SPD features reach
+    the losses in fp32 and within 2 % (relative norm) of the fp32 teacher's; the losses follow the fp32-teacher
+    run's to 2 %; the setting is part of the resume check."""
+    from bdmtool.trainer.diffusion import Diffusion
+    from bdmtool.trainer.objective import TrainingObjective
+    from bdmtool.trainer.train import build_student
+
+    student = _student_runner(tmp_path, micro_overrides, method)
+    full = student("full", 6, "distill.teacher_precision=bf16", "train.ckpt_every=100")
+    student("cut", 3, "distill.teacher_precision=bf16", "train.ckpt_every=3")
+    assert student("cut", 6, "distill.teacher_precision=bf16", "train.ckpt_every=3") == full
+    ref = student("fp32", 6, "train.ckpt_every=100")
+    assert full != ref and all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(full, ref)), (full, ref)
+    with pytest.raises(ValueError, match="different spec"):
+        student("cut", 8, "train.ckpt_every=3")
+
+    spec = build_train_spec(method=method, teacher=str(tmp_path / "teacher" / "model.ckpt"), steps=1,
+                            overrides=["train.threads=1", *micro_overrides])
+    _, teacher = build_student(spec)
+    x, t = torch.randn(4, 1, 32, 32), torch.tensor([10, 300, 600, 900])
+    outs = {}
+    for prec in ("step", "bf16"):
+        s = spec.replace(distill=spec.distill.replace(teacher_precision=prec))
+        obj = TrainingObjective(s, Diffusion(s.diffusion), build_student(s)[0], teacher)
+        eps = obj.teacher_forward(x, t)
+        outs[prec] = (eps, dict(obj.t_tap.features))
+        obj.t_tap.clear()
+    (e32, f32), (e16, f16) = outs["step"], outs["bf16"]
+    assert e16.dtype == torch.float32 and all(v.dtype == torch.float32 for v in f16.values()) and set(f16) == set(f32)
+    assert 0 < float((e16 - e32).norm() / e32.norm()) < 0.02
+    assert all(float((f16[k] - f32[k]).norm() / f32[k].norm()) < 0.02 for k in f32)
+
+
 @needs_cuda
 def test_cuda_training_and_sampling_match_cpu(tmp_path, micro_overrides):
     """On a GPU: a CUDA run's first loss equals the CPU run's to float tolerance (same batches: CPU

@@ -41,10 +41,21 @@ class TrainingObjective:
         apply_schedule_(self.student, self.spec.binarize, 0, self.spec.train.steps)
         calibrate_(self.student, x_t, t)
         if self.uses_features and self.dcfg.lrm_weight > 0:
-            with torch.no_grad():
-                self.teacher(x_t, t)
+            self.teacher_forward(x_t, t)
             self.distiller.set_projections(lrm_fit(self.t_tap.features, self.dcfg.lrm_k, self.dcfg.lrm_axis))
             self.t_tap.clear()
+
+    @torch.no_grad()
+    def teacher_forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The teacher's eps on ``x_t`` (its features land in ``t_tap``), at ``distill.teacher_precision``;
+        in bf16 its outputs are handed on in fp32, like everything the losses compare."""
+        if self.dcfg.teacher_precision != "bf16":
+            return self.teacher(x_t, t)
+        with torch.autocast(device_type=x_t.device.type, dtype=torch.bfloat16):
+            eps = self.teacher(x_t, t)
+        if self.uses_features:
+            self.t_tap.features = {k: v.float() for k, v in self.t_tap.features.items()}
+        return eps.float()
 
     def __call__(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                  step: int) -> dict[str, torch.Tensor]:
@@ -59,8 +70,7 @@ class TrainingObjective:
         terms = {"mse": out["mse"]}
         total = out["mse"]
         if self.uses_features or self.uses_teacher_eps:
-            with torch.no_grad():
-                eps_teacher = self.teacher(out["x_t"], t)
+            eps_teacher = self.teacher_forward(out["x_t"], t)
         if self.uses_teacher_eps:  # output distillation: regress (partly) on the teacher's eps instead of the noise
             kd = self.dcfg.kd_weight
             terms["kd"] = torch.mean((out["eps_pred"] - eps_teacher) ** 2)

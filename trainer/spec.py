@@ -286,6 +286,10 @@ class DistillConfig(Config):
     # (1 - kd) * MSE(eps, noise) + kd * MSE(eps, eps_teacher) up to a constant; 0 = the papers' noise target.
     # docs/methods.md, "Output distillation".
     kd_weight: float = 0.0
+    # bdmtool, not in either paper: the frozen teacher's no-grad forward (its eps and the LRM / SPD features) at
+    # the step's precision ("step": train.precision) or in bf16 autocast under an fp32 student step ("bf16": its
+    # targets move by ~0.5 % relative, the step gets faster). docs/methods.md, "Training speed".
+    teacher_precision: Literal["step", "bf16"] = "step"
 
     def validate(self) -> None:
         check(self.lrm_weight >= 0 and self.spd_weight >= 0 and self.ebb_tau >= 0, "distill weights must be >= 0")
