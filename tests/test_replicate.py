@@ -84,6 +84,8 @@ def test_replicate_two_configurations_report_matches_the_runs_and_reruns_reuse(t
     assert f"{rows['binarydm_w1a4']['fid']:.2f}" in md
     held = sum(c["holds"] for t in rep["tables"] for c in t["claims"])
     assert "## Summary" in md and f"{held} of {sum(len(t['claims']) for t in rep['tables'])} claimed" in md
+    sheet = out / "binarydm_t1.png"  # each table's runs side by side, from their committed grids
+    assert sheet.stat().st_size > 5_000 and "](binarydm_t1.png)" in md
 
     again = _run(args)
     assert again.returncode == 0 and again.stdout.count("(reused)") == 4, again.stdout[-2000:]
@@ -102,6 +104,7 @@ def test_replicate_two_configurations_report_matches_the_runs_and_reruns_reuse(t
     cloned = _run(["--out", str(clone), *args[2:-2], "--teacher", str(moved)])
     assert cloned.returncode == 0 and cloned.stdout.count("(reused)") == 4, cloned.stdout[-2000:]
     assert json.loads((clone / "report.json").read_text())["tables"] == rep["tables"]
+    assert (clone / "binarydm_t1.png").stat().st_size > 5_000  # drawn from the grids alone
     with open(moved, "ab") as f:  # other weights: the scores are not theirs
         f.write(b"\0")
     changed = _run(["--out", str(clone), *args[2:4], *args[6:-2], "--teacher", str(moved), "--report-only"])

@@ -106,7 +106,39 @@ def _f(v, fmt=".2f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, environment: dict) -> str:
+def contact_sheet(rows: list[dict], root: Path, path: Path, title: str) -> Path | None:
+    """One panel per row: the top-left quarter of its sample grid (16 of the 64 images at full size), titled
+    with its label and FID. Reads only the committed ``samples.png`` files; None when no row has one."""
+    rows = [r for r in rows if r["grid"] and (root / r["grid"]).is_file()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    from bdmtool.files import atomic_savefig
+
+    cols = min(4, len(rows))
+    lines = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(lines, cols, figsize=(2.6 * cols, 3.0 * lines), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, rows):
+        img = mpimg.imread(root / r["grid"])
+        h, w = img.shape[:2]
+        ax.imshow(img[: h // 2 + 2, : w // 2 + 2], cmap="gray", vmin=0, vmax=1 if img.max() <= 1 else 255)
+        fid = f"{r['fid']:.1f}" + (f" ± {r['fid_spread']:.1f}" if r["seeds"] > 1 else "")
+        ax.set_title(f"{r['label']}\nFID {fid}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, environment: dict,
+                    figures: dict[str, str] | None = None) -> str:
     b = budget
     lines = ["# Mini-replication of BinaryDM and BiDM", "",
              f"Every run: {b.steps} QAT steps × batch {b.batch_size} from `{Path(teacher).name}` "
@@ -117,8 +149,10 @@ def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, envi
              "other datasets and models: compare orderings, not values.",
              "", f"Environment: {json.dumps(environment)}", "", "## Summary", "", summary_markdown(summary), ""]
     for t in summary["tables"]:
-        lines += [f"## {t['title']}", "", f"Paper numbers: {t['source']}.", "",
-                  "| run | paper FID | FID (ours) | sFID | precision | recall | final loss | seeds |",
+        lines += [f"## {t['title']}", "", f"Paper numbers: {t['source']}.", ""]
+        if (figures or {}).get(t["key"]):
+            lines += [f"![16 samples of each run (seed 0)]({figures[t['key']]})", ""]
+        lines += ["| run | paper FID | FID (ours) | sFID | precision | recall | final loss | seeds |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in t["rows"]:
             fid = _f(r["fid"]) + (f" ± {r['fid_spread']:.2f}" if r["seeds"] > 1 else "")
@@ -141,6 +175,8 @@ def write_report(out: str | os.PathLike, scores: dict[str, dict], tables: tuple[
            "summary_markdown": summary_markdown(summary),
            "runs": {k: {kk: v for kk, v in r.items() if kk not in ("params", "reused")} for k, r in scores.items()}}
     md, js = out / "report.md", out / "report.json"
+    figures = {t["key"]: f"{t['key']}.png" for t in summary["tables"]
+               if contact_sheet(t["rows"], out, out / f"{t['key']}.png", t["title"])}
     atomic_write(js, json.dumps(doc, indent=2))
-    atomic_write(md, render_markdown(summary, budget, teacher, environment))
+    atomic_write(md, render_markdown(summary, budget, teacher, environment, figures))
     return md, js
