@@ -150,6 +150,9 @@ def test_bf16_teacher_resumes_exactly_and_its_targets_follow_fp32(tmp_path, micr
     assert full != ref and all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(full, ref)), (full, ref)
     with pytest.raises(ValueError, match="different spec"):
         student("cut", 8, "train.ckpt_every=3")
+    for never in (dict(), dict(method="baseline", teacher=str(tmp_path / "teacher" / "model.ckpt"))):
+        with pytest.raises(ValueError, match="never makes"):  # FP training; a method with no teacher term
+            build_train_spec(overrides=["distill.teacher_precision=bf16"], **never)
 
     spec = build_train_spec(method=method, teacher=str(tmp_path / "teacher" / "model.ckpt"), steps=1,
                             overrides=["train.threads=1", *micro_overrides])

@@ -328,6 +328,11 @@ class TrainSpec(Config):
               "a binarized run needs a full-precision teacher: --teacher fp_model.ckpt")
         check(self.distill.kd_weight == 0 or self.binarize is not None,
               "distill.kd_weight distils a binarized student from its teacher: add --method and --teacher")
+        d = self.distill
+        check(d.teacher_precision == "step" or (self.binarize is not None and
+                                               (d.lrm_weight > 0 or d.spd_weight > 0 or d.kd_weight > 0)),
+              "distill.teacher_precision sets the precision of the teacher's forward, which this run never makes "
+              "(no distill.lrm_weight, spd_weight or kd_weight term): drop it")
         check(self.unet.in_channels == self.data.channels,
               f"unet.in_channels={self.unet.in_channels} but data.channels={self.data.channels}; "
               "pick a preset with matching channels (tiny: 1, tiny-rgb/cifar10: 3) or set data.channels")
