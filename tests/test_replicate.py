@@ -165,7 +165,9 @@ def test_a_claim_compares_two_arms_on_the_seeds_both_have_finished():
     t = summary["tables"][0]
     (claim,) = t["claims"]
     assert (claim["fid_better"], claim["fid_worse"], claim["seeds"], claim["holds"]) == (130.0, 120.0, 1, False)
-    assert "| 130.00 vs 120.00 | ✘ (seed 0) |" in summary_markdown(summary)  # not read against the row's 115
+    assert claim["within_noise"] and t["seed_sigma"] == pytest.approx(30 / 2 ** 0.5)
+    # not read against the row's 115; and 10 FID on one seed is within the noise of BinaryDM's two seeds (sd 21)
+    assert "| 130.00 vs 120.00 | ≈ (seed 0, within noise) |" in summary_markdown(summary)
     row = next(r for r in t["rows"] if r["key"] == "binarydm_w1a4")
     assert row["fid"] == 115.0 and row["seeds"] == 2
     scores["baseline_w1a4_seed1"] = rec("a", 1, 125.0)  # now both seeds: 115 vs 122.5, held on 1 of 2
@@ -173,6 +175,37 @@ def test_a_claim_compares_two_arms_on_the_seeds_both_have_finished():
     assert (claim["fid_better"], claim["fid_worse"], claim["seeds"], claim["seeds_holding"], claim["holds"]) == \
         (115.0, 122.5, 2, 1, False)
     assert claim["verdict"] == "undecided"  # the mean holds on the strength of one seed: neither ✔ nor ✘
+
+
+def test_a_one_seed_claim_within_the_seed_noise_is_undecided():
+    """σ pooled over the table's multi-seed arms (root mean of their sample variances); a one-seed difference
+    below 2·√2·σ is ≈ "within noise", above it the sign decides; multi-seed claims are not tested this way."""
+    import math
+
+    from bdmtool.trainer.replication.report import render_markdown, seed_sigma, summarize, summary_markdown
+    from bdmtool.trainer.replication.run import ReplicationBudget
+
+    def rec(seed, fid):
+        return {"params": {"arm": {"seed": seed}}, "metrics": {"fid": fid, "sfid": 1.0, "precision": 0.0,
+                                                               "recall": 0.0},
+                "label": "x", "final_loss": None, "grid": "", "seconds": 1.0}
+
+    assert seed_sigma([{"fids": [1.0]}]) is None
+    assert seed_sigma([{"fids": [10.0, 14.0]}, {"fids": [0.0, 2.0, 4.0]}]) == pytest.approx(math.sqrt((8 + 4) / 2))
+    base = {"binarydm_w1a4": rec(0, 120.0), "binarydm_w1a4_seed1": rec(1, 124.0),  # sigma = 2.83, bar = 8.0
+            "baseline_w1a4": rec(0, 121.0), "baseline_w1a4_seed1": rec(1, 125.0)}
+    for w8, want in (((110.0, 117.9), "undecided"), ((110.0, 118.1), "holds"), ((118.1, 110.0), "fails")):
+        scores = base | {"binarydm_w1a8": rec(0, w8[0]), "baseline_w1a8": rec(0, w8[1])}
+        summary = summarize(scores, ("binarydm_t1",))
+        claim = next(c for c in summary["tables"][0]["claims"] if c["better"] == "binarydm_w1a8")
+        assert claim["verdict"] == want and claim["within_noise"] == (want == "undecided"), (w8, claim)
+        w4 = next(c for c in summary["tables"][0]["claims"] if c["better"] == "binarydm_w1a4")
+        assert not w4["within_noise"] and w4["seeds"] == 2  # two seeds: judged by mean and majority only
+    assert "≈ (seed 0, within noise)" not in summary_markdown(summary)
+    md = render_markdown(summarize(base | {"binarydm_w1a8": rec(0, 110.0), "baseline_w1a8": rec(0, 117.9)},
+                                   ("binarydm_t1",)), ReplicationBudget(),
+                         os.path.join(bdmtool.ASSETS, "tiny_mnist_fp.ckpt"), {})
+    assert "≈ (seed 0, within noise)" in md and "2·√2·σ = 8.0 is within noise" in md
 
 
 def test_a_claim_needs_the_mean_and_most_seeds():

@@ -3,7 +3,9 @@
 Arms trained over several seeds (the headline pairs) show mean ± half the range. A claim is judged on the seeds
 both arms have finished: ✔ when the mean agrees with the paper *and* the ordering holds on most of those seeds,
 ✘ when both disagree with it, ≈ (undecided) when the mean and the seeds point different ways (e.g. a mean
-carried by one seed); the report says on how many seeds each ordering held.
+carried by one seed); the report says on how many seeds each ordering held. A claim judged on one seed is also
+≈ when its two FIDs differ by less than the noise of such a difference, 2·√2·σ, with σ the seed-to-seed standard
+deviation pooled over the table's arms that have several seeds (none: no such test).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from statistics import mean
+from math import sqrt
+from statistics import mean, variance
 
 from bdmtool.files import atomic_write
 
@@ -50,8 +53,15 @@ def verdict(mean_holds: bool, seeds_holding: int, seeds: int) -> str:
 MARK = {"holds": "✔", "fails": "✘", "undecided": "≈"}
 
 
+def seed_sigma(rows: list[dict]) -> float | None:
+    """The seed-to-seed standard deviation of FID pooled over ``rows`` with several seeds (root of the mean of
+    their sample variances); None when no row has two seeds."""
+    var = [variance(r["fids"]) for r in rows if len(r["fids"]) > 1]
+    return sqrt(mean(var)) if var else None
+
+
 def summarize(scores: dict[str, dict], tables: tuple[str, ...]) -> dict:
-    """{"tables": [{key, title, source, rows: [...], claims: [...]}]} from the arms' score records."""
+    """{"tables": [{key, title, source, seed_sigma, rows: [...], claims: [...]}]} from the arms' score records."""
     out = []
     for tkey in tables:
         t = TABLES[tkey]
@@ -64,16 +74,20 @@ def summarize(scores: dict[str, dict], tables: tuple[str, ...]) -> dict:
                          "seeds": n, **avg, "final_loss": runs[0]["final_loss"], "grid": runs[0]["grid"],
                          "fids": [r["metrics"]["fid"] for r in runs]})
         claims = []
+        sigma = seed_sigma(rows)
         for c in [c for c in t.claims if c.better in scores and c.worse in scores]:
             better, worse = _by_seed(c.better, scores), _by_seed(c.worse, scores)
             pairs = [(better[s], worse[s]) for s in sorted(set(better) & set(worse))]  # like with like: same seeds
             fb, fw = mean(a for a, _ in pairs), mean(b for _, b in pairs)
             k = sum(a < b for a, b in pairs)
+            within = len(pairs) == 1 and sigma is not None and abs(fb - fw) < 2 * sqrt(2) * sigma
             claims.append({"claim": c.text, "better": c.better, "worse": c.worse, "fid_better": fb, "fid_worse": fw,
-                           "verdict": verdict(fb < fw, k, len(pairs)), "seeds_holding": k, "seeds": len(pairs),
+                           "verdict": "undecided" if within else verdict(fb < fw, k, len(pairs)),
+                           "within_noise": within, "seeds_holding": k, "seeds": len(pairs),
                            "seed_list": sorted(set(better) & set(worse))})
             claims[-1]["holds"] = claims[-1]["verdict"] == "holds"
-        out.append({"key": tkey, "title": t.title, "source": t.source, "rows": rows, "claims": claims})
+        out.append({"key": tkey, "title": t.title, "source": t.source, "seed_sigma": sigma, "rows": rows,
+                    "claims": claims})
     seconds = sum(float(r.get("seconds") or 0.0) for r in scores.values())
     return {"tables": out, "n_runs": len(scores), "run_seconds": round(seconds, 1)}
 
@@ -88,7 +102,8 @@ def summary_markdown(summary: dict) -> str:
     held = sum(c["holds"] for t in summary["tables"] for c in t["claims"])
     open_ = sum(c["verdict"] == "undecided" for t in summary["tables"] for c in t["claims"])
     total = sum(len(t["claims"]) for t in summary["tables"])
-    undecided = f", {open_} undecided (≈: the mean and most seeds disagree)" if open_ else ""
+    undecided = (f", {open_} undecided (≈: the mean and most seeds disagree, or one seed's difference is within "
+                 "the seed-to-seed noise)" if open_ else "")
     lines += ["", f"{held} of {total} claimed orderings hold{undecided}; {summary['n_runs']} runs, "
                   f"{summary['run_seconds'] / 3600:.1f} h of training, sampling and scoring in all (one core each)."]
     return "\n".join(lines)
@@ -99,7 +114,8 @@ def _on_seeds(c: dict) -> str:
     not with its mean over seeds (which the table's row shows)."""
     if c["seeds"] > 1:
         return f" ({c['seeds_holding']}/{c['seeds']} seeds)"
-    return f" (seed {c['seed_list'][0]})" if c.get("seed_list") else ""
+    noise = ", within noise" if c.get("within_noise") else ""
+    return f" (seed {c['seed_list'][0]}{noise})" if c.get("seed_list") else ""
 
 
 def _f(v, fmt=".2f") -> str:
@@ -158,6 +174,10 @@ def render_markdown(summary: dict, budget: ReplicationBudget, teacher: str, envi
             fid = _f(r["fid"]) + (f" ± {r['fid_spread']:.2f}" if r["seeds"] > 1 else "")
             lines.append(f"| [{r['label']}]({r['grid']}) | {_f(r['paper_fid'])} | {fid} | {_f(r['sfid'])} | "
                          f"{_f(r['precision'])} | {_f(r['recall'])} | {_f(r['final_loss'], '.4f')} | {r['seeds']} |")
+        if t.get("seed_sigma") is not None:
+            lines += ["", f"Seed-to-seed σ of FID in this table: {t['seed_sigma']:.2f} (pooled over its runs with "
+                          f"several seeds); a one-seed difference below 2·√2·σ = {2 * sqrt(2) * t['seed_sigma']:.1f} "
+                          "is within noise (≈)."]
         lines += ["", "| claimed ordering | FID (ours) | holds |", "|---|---|:-:|"]
         for c in t["claims"]:
             lines.append(f"| {c['claim']} | {c['fid_better']:.2f} vs {c['fid_worse']:.2f} | "
