@@ -289,6 +289,7 @@ def _perturbed_onnx(onnx_path, out):
 def test_w1a4_bit_planes(tmp_path, teacher):
     """BinaryDM W1A4 (default --a4 bitplanes): one same-one bconv per layer (its 4 planes stacked on the batch axis), exact
     against PyTorch."""
+    from bdmtool.exporter.pipeline import KERNEL_FIDELITY
     from bdmtool.exporter.inspect_tflite import inspect_model
     from bdmtool.tools.export import export_checkpoint
 
@@ -302,7 +303,8 @@ def test_w1a4_bit_planes(tmp_path, teacher):
     inv = inspect_model(res.tflite.read_bytes())
     pads = {o.options["pad_values"] for o in inv.ops if o.name == "LceBconv2d" and o.options["padding"] == 0}
     assert pads == {1}  # every 'same' bconv is same-one
-    assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4, "a4_kernel": "bitplanes"}
+    assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4, "a4_kernel": "bitplanes",
+                                                           "fidelity": KERNEL_FIDELITY["bitplanes"]}
 
 
 def test_w1a4_int8_with_zero_padding(tmp_path, teacher):
@@ -311,6 +313,7 @@ def test_w1a4_int8_with_zero_padding(tmp_path, teacher):
     one-layer test above); through a whole random network those output roundings flip 4-bit levels
     downstream (0.5-0.9 max |d eps| on this random micro network), so the gate is set by hand here; the
     trained student's .tflite is judged by the FID of its samples (docs/methods.md)."""
+    from bdmtool.exporter.pipeline import KERNEL_FIDELITY
     from bdmtool.exporter.inspect_tflite import inspect_model
     from bdmtool.tools.export import export_checkpoint
 
@@ -326,7 +329,8 @@ def test_w1a4_int8_with_zero_padding(tmp_path, teacher):
     assert rep["int8_conv_ops"] == rep["binary_layers"] == len(names) > 20
     assert sorted(inspect_model(res.tflite.read_bytes(), names).int8_layers) == sorted(names)
     assert all(np.isfinite(v) for v in rep["stages"].values())  # measured 0.56-0.86 here: see the docstring
-    assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4, "a4_kernel": "int8"}
+    assert json.loads(res.sidecar.read_text())["bits"] == {"weights": 1, "activations": 4, "a4_kernel": "int8",
+                                                           "fidelity": KERNEL_FIDELITY["int8"]}
 
 
 def test_w1a8_bit_planes_by_default_and_int8_on_request(tmp_path, teacher):
