@@ -23,28 +23,17 @@ import bdmtool  # noqa: F401
 import larq as lq
 import tensorflow as tf
 
+from .kernels import MULTIBIT_DEFAULT, NotExportableError, multibit_kernel  # noqa: F401 (re-exported)
 from .keras_unet import UNetBuilder, keras_name
 
 keras = tf.keras
-
-
-class NotExportableError(ValueError):
-    """A layer marked binary cannot be expressed as an LCE binary convolution; says which and why."""
 
 
 def _const_op(fn, name: str):
     return keras.layers.Lambda(fn, name=name)
 
 
-A8_KERNELS = ("int8", "bitplanes")  # kernels of multi-bit (W1A4, W1A8) layers
-
-
-def multibit_kernel(abits: int, a8: str = "bitplanes", a4: str = "bitplanes") -> str | None:
-    """The kernel a layer with ``abits`` activation bits is exported with (None: not a multi-bit layer)."""
-    return {8: a8, 4: a4}.get(abits)
-
-
-def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = "bitplanes", a4: str = "bitplanes",
+def binary_conv(builder: UNetBuilder, rec: dict, x, a8: str = MULTIBIT_DEFAULT["a8"], a4: str = MULTIBIT_DEFAULT["a4"],
                 int8_ranges: dict | None = None, probes: dict | None = None):
     """Build the binary layer described by the bundle record ``rec`` on input ``x`` (NHWC).
 
@@ -140,22 +129,6 @@ def _float_binary_weight_conv(builder: UNetBuilder, rec: dict, x):
     y = layer(x)
     layer.set_weights([kernel.transpose(2, 3, 1, 0)] + ([w.get(f"{name}.bias")] if rec["bias"] else []))
     return y
-
-
-def padding_refusal(binarize: dict | None, a8: str = "bitplanes", a4: str = "bitplanes") -> str | None:
-    """Why a checkpoint's multi-bit padding cannot be exported on the requested kernel path (None: it can).
-
-    Zero padding (``binarize.act_pad=zero``) is exact on the int8 path (zero point 0); bit planes are
-    'same-one' bconvs, which reproduce only the top-level border the other mode trains with.
-    """
-    if not binarize or binarize.get("act_pad", "top") != "zero":
-        return None
-    bits = binarize["abits"]
-    if multibit_kernel(bits, a8, a4) != "bitplanes":
-        return None
-    return (f"this W1A{bits} checkpoint was trained with zero padding (binarize.act_pad=zero, for the int8 path), "
-            f"which --a{bits} bitplanes cannot reproduce: export with --a{bits} int8, or train with "
-            "--set binarize.act_pad=top for bit planes")
 
 
 def _lsq_checks(rec: dict) -> None:

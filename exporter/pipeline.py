@@ -20,6 +20,7 @@ import bdmtool  # noqa: F401
 
 from .convert import convert, convert_float
 from .inspect_tflite import inspect_model, io_names, max_abs, verify_binary_layers
+from .kernels import A8_KERNELS, MULTIBIT_DEFAULT, NotExportableError, multibit_kernel, padding_refusal
 from .runtime import KerasDenoiser, TFLiteDenoiser, ddim_schedule
 from ..files import atomic_write, file_sha256
 
@@ -181,7 +182,7 @@ def sidecar(meta: dict, inv, name: str, target: str, steps: int = 50, out_names:
 
 
 def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None, tol: float | None = None,
-               target: str = "lce", a8: str = "bitplanes", a4: str = "bitplanes", log=print,
+               target: str = "lce", a8: str = MULTIBIT_DEFAULT["a8"], a4: str = MULTIBIT_DEFAULT["a4"], log=print,
                per_layer: bool = False, int8_out: str = "channel") -> ExportResult:
     """Bundle -> Keras (+ parity) -> LCE flatbuffer -> verified ops + interpreter parity -> files.
 
@@ -191,7 +192,7 @@ def export_lce(bundle_dir: str | Path, out_dir: str | Path, name: str | None = N
     """
     from functools import partial
 
-    from .binary_layers import A8_KERNELS, NotExportableError, binary_conv, multibit_kernel, padding_refusal
+    from .binary_layers import binary_conv
     from .keras_unet import UNetBuilder
 
     for flag, value in (("a8", a8), ("a4", a4)):

@@ -1,6 +1,7 @@
 """Export: Keras/Larq rebuild -> LCE flatbuffer with real binary kernels, parity at every stage (real LCE)."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -284,6 +285,23 @@ def _perturbed_onnx(onnx_path, out):
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     onnx.save(m, str(out))
     return out
+
+
+def test_preflight_refuses_before_tensorflow_loads(tmp_path):
+    """The kernel choice and the padding check live in exporter/kernels.py, TensorFlow-free: a refused export
+    fails without importing TensorFlow (seconds, not the ~10 s TensorFlow's import costs next to a training)."""
+    import subprocess
+    import sys
+
+    import bdmtool
+
+    fp = os.path.join(bdmtool.ASSETS, "tiny_mnist_fp.ckpt")
+    code = ("import sys\nfrom bdmtool.tools.export import preflight\n"
+            f"try:\n    preflight({fp!r})\nexcept ValueError as e:\n    print('refused:', e)\n"
+            "print('tensorflow loaded:', 'tensorflow' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused:" in r.stdout and "full-precision checkpoint" in r.stdout, r.stderr[-1500:]
+    assert "tensorflow loaded: False" in r.stdout
 
 
 def test_w1a4_bit_planes(tmp_path, teacher):

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+from bdmtool.exporter.kernels import MULTIBIT_DEFAULT  # TensorFlow-free
+
 _SAFE_NAME = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,100}")  # no separators, no '..' escape, no hidden files
 
 INT8_OUT_DEFAULT = "channel"  # int8 layers: one output range per channel (docs/methods.md, equalized int8 outputs)
-# The kernel of W1A8 / W1A4 layers when no flag chooses one: the exact bit planes (README, W1A8 / W1A4 sections).
-MULTIBIT_DEFAULT = {"a8": "bitplanes", "a4": "bitplanes"}
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, target: str = "lce", name: str | None = None,
@@ -66,13 +66,14 @@ def timed(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda msg: log(f"{time.perf_counter() - t0:6.1f} s  {msg}")
 
 
-def preflight(ckpt: str | Path, a8: str = "bitplanes", a4: str = "bitplanes", allow_float_layers: bool = False,
+def preflight(ckpt: str | Path, a8: str = MULTIBIT_DEFAULT["a8"], a4: str = MULTIBIT_DEFAULT["a4"],
+              allow_float_layers: bool = False,
               log: Callable[[str], None] = print, given: tuple[str, ...] = ()) -> None:
     """Everything decidable from the checkpoint alone, checked before the bundle: an FP checkpoint, a kernel flag
     (``given``: "--a8" / "--a4") for activations the checkpoint does not have, activation codes with no LCE
     form, per-batch LSQ steps, a padding mode the kernel path cannot reproduce, EBB's second basis on 1-bit
     layers, and binary layers that are still float (an unfinished progressive schedule)."""
-    from bdmtool.exporter.binary_layers import NotExportableError, padding_refusal
+    from bdmtool.exporter.kernels import NotExportableError, padding_refusal
     from bdmtool.trainer.checkpoint import checkpoint_spec, inference_weights, load_checkpoint
 
     ck = load_checkpoint(ckpt)
