@@ -11,6 +11,15 @@ A8_KERNELS = ("int8", "bitplanes")  # kernels of multi-bit (W1A4, W1A8) layers
 # "W1A8's default kernel").
 MULTIBIT_DEFAULT = {"a8": "bitplanes", "a4": "bitplanes"}
 
+# What each multi-bit kernel computes, in the export log and the sidecar (docs/methods.md: W1A8 as int8, bit planes).
+KERNEL_FIDELITY = {
+    "bitplanes": "exact: the +-1 bit planes compute the trained layers (float rounding only; the samples match "
+                 "PyTorch's). LCE's bconv is fast ARM code; on x86 it is portable C++ and slow",
+    "int8": "approximate: every layer's int8 output is re-quantized to 256 levels over calibrated ranges, which "
+            "moves some strokes (FID +4.0 % on the shipped W1A8 student at N = 1,000); check yours with "
+            "`bdmtool eval`. Builtin TFLite ops only, fast everywhere; bit planes are the exact path",
+}
+
 
 class NotExportableError(ValueError):
     """A layer marked binary cannot be expressed as an LCE binary convolution; says which and why."""

@@ -20,7 +20,8 @@ import bdmtool  # noqa: F401
 
 from .convert import convert, convert_float
 from .inspect_tflite import inspect_model, io_names, max_abs, verify_binary_layers
-from .kernels import A8_KERNELS, MULTIBIT_DEFAULT, NotExportableError, multibit_kernel, padding_refusal
+from .kernels import (A8_KERNELS, KERNEL_FIDELITY, MULTIBIT_DEFAULT, NotExportableError, multibit_kernel,
+                      padding_refusal)
 from .runtime import KerasDenoiser, TFLiteDenoiser, ddim_schedule
 from ..files import atomic_write, file_sha256
 
@@ -40,14 +41,6 @@ A8_TOL = 0.1
 # The int8 W1A8 path re-quantizes every binary conv's output to 256 levels over its calibrated range (TFLite's
 # int8 CONV_2D writes int8): an approximation of the trained model, gated at this bound on every input.
 INT8_TOL = 0.25
-# What each multi-bit kernel computes, in the export log and the sidecar (docs/methods.md: W1A8 as int8, bit planes).
-KERNEL_FIDELITY = {
-    "bitplanes": "exact: the +-1 bit planes compute the trained layers (float rounding only; the samples match "
-                 "PyTorch's). LCE's bconv is fast ARM code; on x86 it is portable C++ and slow",
-    "int8": "approximate: every layer's int8 output is re-quantized to 256 levels over calibrated ranges, which "
-            "moves some strokes (FID +4.0 % on the shipped W1A8 student at N = 1,000); check yours with "
-            "`bdmtool eval`. Builtin TFLite ops only, fast everywhere; bit planes are the exact path",
-}
 
 
 # An uncertified input may differ by up to this many times its flip envelope: how far PyTorch itself moves when
